@@ -1,0 +1,86 @@
+"""The model configuration: everything needed to rebuild a model, stored in every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MODEL_NAMES = ("maskrcnn", "dacseg")
+BACKBONE_NAMES = ("resnet50", "resnet101", "resnext101_32x8d")
+NORM_LAYERS = ("bn", "frozen_bn")
+OVERLAP_CLS_HEADS = ("fc", "conv")
+DACSEG_LOSS_NAMES = (
+    "loss_overlap_cls",
+    "loss_overlap",
+    "loss_overlap_edge",
+    "loss_overlap_else",
+    "loss_overlap_else_edge",
+)
+
+
+@dataclass
+class ModelConfig:
+    """A model is fully described by this; ``network_files.build_model(config)`` rebuilds it."""
+
+    name: str = "maskrcnn"
+    num_classes: int = 1  # without background
+    backbone: str = "resnet50"
+    # None: 3 with pretrained weights, 5 (all) when training from scratch (torchvision's rule)
+    trainable_layers: Optional[int] = None
+    # None: frozen_bn with pretrained weights, bn when training from scratch (torchvision's rule)
+    norm_layer: Optional[str] = None
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    # DaCSeg only
+    overlap_cls_head: str = "fc"
+    min_overlap_area: float = 20.0  # px^2 at the original image scale
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.anchor_sizes = tuple(int(s) for s in self.anchor_sizes)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with one clear line for an impossible configuration."""
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1 (background not counted), got {self.num_classes}")
+        if self.trainable_layers is not None and not 0 <= self.trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5, got {self.trainable_layers}")
+        if self.norm_layer is not None and self.norm_layer not in NORM_LAYERS:
+            raise ValueError(f"unknown norm layer {self.norm_layer!r}; choose one of {', '.join(NORM_LAYERS)}")
+        if self.min_size < 32 or self.max_size < self.min_size:
+            raise ValueError(f"need 32 <= min_size <= max_size, got min_size={self.min_size} max_size={self.max_size}")
+        if len(self.anchor_sizes) != 5:
+            raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {list(self.anchor_sizes)}")
+        if self.overlap_cls_head not in OVERLAP_CLS_HEADS:
+            raise ValueError(
+                f"unknown overlap classifier head {self.overlap_cls_head!r}; choose one of {', '.join(OVERLAP_CLS_HEADS)}"
+            )
+        unknown = set(self.loss_weights) - set(DACSEG_LOSS_NAMES) - {
+            "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"
+        }
+        if unknown:
+            raise ValueError(f"unknown loss name(s) in loss_weights: {', '.join(sorted(unknown))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/``weights_only``-safe dict."""
+        d = dataclasses.asdict(self)
+        d["anchor_sizes"] = list(self.anchor_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of ``to_dict``; unknown keys are an error that names them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"model config has unknown key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)

@@ -1,0 +1,1 @@
+"""The shared engine: loaders, training step, evaluation, metrics, checkpoints, result writers, plots, distributed helpers."""

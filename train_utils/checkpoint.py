@@ -1,0 +1,105 @@
+"""Checkpoints: atomic saving, safe loading (``weights_only=True``), and rebuilding a model from a checkpoint alone."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from network_files.config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically: a run killed while saving leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (a stranger's file cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a DaCSeg checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def config_from_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike = "checkpoint") -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint was trained with."""
+    if "model_config" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path} has no model config; it was not written by DaCSeg's train.py")
+    try:
+        return ModelConfig.from_dict(dict(checkpoint["model_config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model config: {exc}") from exc
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights; returns (model in eval mode, config, checkpoint)."""
+    from network_files import build_model  # imported here: building pulls in torchvision's detection models
+
+    checkpoint = load_checkpoint(path)
+    config = config_from_checkpoint(checkpoint, path)
+    model = build_model(config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit a {config.name} model: {str(exc).splitlines()[0]}") from exc
+    return model.to(device).eval(), config, checkpoint
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states in a ``weights_only``-safe form."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``model_<epoch>.pth`` files (``best.pth`` is never touched)."""
+    if keep_last <= 0:
+        return []
+    found = []
+    for p in Path(output_dir).glob("model_*.pth"):
+        suffix = p.stem.split("_", 1)[1]
+        if suffix.isdigit():
+            found.append((int(suffix), p))
+    removed = [p for _, p in sorted(found)[:-keep_last]]
+    for p in removed:
+        p.unlink()
+    return removed
