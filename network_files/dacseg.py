@@ -1,0 +1,433 @@
+"""DaCSeg RoI heads: overlap classifier, bilayer overlap head and fused mask on top of torchvision's Mask R-CNN.
+
+For every mask RoI the 14x14x256 RoIAlign features F are pooled once and feed three heads::
+
+    F ──▶ overlap classifier ─────────────────────────────────▶ overlapping? [R, 2]
+    F ──▶ stage 1 (conv, non-local, 3 conv) = X1 ─▶ overlap mask, overlap boundary      [R, K+1, 28, 28]
+    F + X1 ──▶ stage 2 (same, own weights) = X2 ─▶ overlap-else mask, its boundary      [R, K+1, 28, 28]
+    F + X2 ──▶ Mask R-CNN mask head + predictor ─▶ final mask                           [R, K+1, 28, 28]
+
+The auxiliary targets are derived from the ground-truth instance masks (see ``overlap_regions``), so a plain
+instance-segmentation dataset is enough to train it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    fastrcnn_loss,
+    maskrcnn_inference,
+    maskrcnn_loss,
+    paste_masks_in_image,
+    project_masks_on_boxes,
+)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.misc import Conv2dNormActivation
+
+from .config import DACSEG_LOSS_NAMES, ModelConfig
+
+MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
+# inference keys of the auxiliary maps, in the order of ``DaCSegLogits`` fields 1..4
+OVERLAP_MAP_KEYS = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
+# target key added by ``DaCSegTransform``: (resized height * width) / (original height * width)
+AREA_SCALE_KEY = "area_scale"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets and losses
+
+
+def overlap_regions(masks: Tensor, min_area: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Split instance masks ``[N, H, W]`` into ``(overlap, overlap_else)``, both bool ``[N, H, W]``.
+
+    The overlap of instance i is where it meets any other instance, kept when it covers at least ``min_area``
+    pixels (a smaller contact is touching, not crossing), else empty. Overlap-else is the rest of an overlapping
+    instance and empty for the others.
+    """
+    masks = masks.bool()
+    overlap = masks & (masks.sum(dim=0) > 1)
+    crossing = (overlap.flatten(1).sum(dim=1) >= min_area)[:, None, None]
+    overlap = overlap & crossing
+    return overlap, masks & ~overlap & crossing
+
+
+def mask_boundaries(masks: Tensor) -> Tensor:
+    """Boundaries of ``[R, M, M]`` masks: 3x3 Laplacian (centre 8, neighbours -1) clamped at 0, > 0.1, as 0/1 floats."""
+    kernel = masks.new_full((1, 1, 3, 3), -1.0)
+    kernel[0, 0, 1, 1] = 8.0
+    laplacian = F.conv2d(masks[:, None], kernel, padding=1)[:, 0]
+    return (laplacian.clamp(min=0) > 0.1).to(masks.dtype)
+
+
+class OverlapTargets(NamedTuple):
+    """Targets of the DaCSeg heads for the positive RoIs of a batch (R of them), masks at ``M x M``."""
+
+    labels: Tensor  # [R] int64 ground-truth class of each RoI
+    overlapping: Tensor  # [R] int64, 1 where the projected overlap region is non-empty (a cell >= 0.5)
+    overlap: Tensor  # [R, M, M]
+    overlap_edge: Tensor  # [R, M, M]
+    overlap_else: Tensor  # [R, M, M]
+    overlap_else_edge: Tensor  # [R, M, M]
+
+
+def overlap_targets(
+    proposals: list[Tensor],
+    gt_masks: list[Tensor],
+    gt_labels: list[Tensor],
+    matched_idxs: list[Tensor],
+    min_areas: list[float | Tensor],
+    resolution: int,
+) -> OverlapTargets:
+    """Derive the overlap targets per image and project them onto the positive proposals like the mask targets.
+
+    ``min_areas`` holds each image's minimum overlap area in pixels of its (resized) masks.
+    """
+    labels, overlap, overlap_else = [], [], []
+    with torch.autocast(proposals[0].device.type, enabled=False):
+        for boxes, masks, classes, idxs, min_area in zip(proposals, gt_masks, gt_labels, matched_idxs, min_areas):
+            image_overlap, image_overlap_else = overlap_regions(masks, min_area)
+            boxes = boxes.float()
+            labels.append(classes[idxs])
+            overlap.append(project_masks_on_boxes(image_overlap, boxes, idxs, resolution))
+            overlap_else.append(project_masks_on_boxes(image_overlap_else, boxes, idxs, resolution))
+        overlap_target = torch.cat(overlap)
+        overlap_else_target = torch.cat(overlap_else)
+        return OverlapTargets(
+            labels=torch.cat(labels),
+            overlapping=(overlap_target >= 0.5).flatten(1).any(dim=1).long(),
+            overlap=overlap_target,
+            overlap_edge=mask_boundaries(overlap_target),
+            overlap_else=overlap_else_target,
+            overlap_else_edge=mask_boundaries(overlap_else_target),
+        )
+
+
+def class_channel_bce(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """BCE with logits on each RoI's ground-truth class channel, mean over RoIs and pixels (0 without RoIs)."""
+    if targets.numel() == 0:
+        return logits.sum() * 0
+    index = torch.arange(labels.shape[0], device=labels.device)
+    return F.binary_cross_entropy_with_logits(logits[index, labels], targets)
+
+
+class DaCSegLogits(NamedTuple):
+    """Raw outputs of the DaCSeg heads for R RoIs (the maps are ``[R, K+1, 28, 28]``)."""
+
+    overlap_cls: Tensor  # [R, 2]: not overlapping, overlapping
+    overlap: Tensor
+    overlap_edge: Tensor
+    overlap_else: Tensor
+    overlap_else_edge: Tensor
+    mask: Tensor  # the fused final mask
+
+
+def dacseg_loss(logits: DaCSegLogits, targets: OverlapTargets) -> dict[str, Tensor]:
+    """The five DaCSeg loss terms (``DACSEG_LOSS_NAMES``); zero, with gradients, when there are no positive RoIs."""
+    if targets.overlapping.numel() == 0:
+        loss_cls = logits.overlap_cls.sum() * 0
+    else:
+        loss_cls = F.cross_entropy(logits.overlap_cls, targets.overlapping)
+    labels = targets.labels
+    return {
+        "loss_overlap_cls": loss_cls,
+        "loss_overlap": class_channel_bce(logits.overlap, labels, targets.overlap),
+        "loss_overlap_edge": class_channel_bce(logits.overlap_edge, labels, targets.overlap_edge),
+        "loss_overlap_else": class_channel_bce(logits.overlap_else, labels, targets.overlap_else),
+        "loss_overlap_else_edge": class_channel_bce(logits.overlap_else_edge, labels, targets.overlap_else_edge),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# heads
+
+
+def overlap_classifier_fc(in_channels: int = 256, resolution: int = 14, hidden: int = 1024) -> nn.Sequential:
+    """The published overlap classifier: flatten -> 1024 -> 1024 -> 2 (about 52 M parameters at 256x14x14)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * resolution * resolution, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, 2),
+    )
+
+
+def overlap_classifier_conv(in_channels: int = 256, channels: int = 128) -> nn.Sequential:
+    """A light overlap classifier: three 3x3 conv + ReLU (the last two stride 2), global average pooling, linear."""
+    return nn.Sequential(
+        Conv2dNormActivation(in_channels, channels, 3, norm_layer=None),
+        Conv2dNormActivation(channels, channels, 3, stride=2, norm_layer=None),
+        Conv2dNormActivation(channels, channels, 3, stride=2, norm_layer=None),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 2),
+    )
+
+
+class NonLocalAttention(nn.Module):
+    """Self-attention over the RoI positions: ``x + BN(W_out · V softmax(QᵀK / √C)ᵀ)``, 1x1 conv Q, K, V of C channels."""
+
+    def __init__(self, channels: int, key_channels: int | None = None) -> None:
+        super().__init__()
+        key_channels = key_channels or channels // 2
+        self.query = nn.Conv2d(channels, key_channels, 1)
+        self.key = nn.Conv2d(channels, key_channels, 1)
+        self.value = nn.Conv2d(channels, key_channels, 1)
+        self.out = nn.Conv2d(key_channels, channels, 1, bias=False)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        query, key, value = (conv(x).flatten(2) for conv in (self.query, self.key, self.value))  # [N, C', HW]
+        # attention[n, i, j]: how much position i attends to position j
+        attention = torch.softmax((query / math.sqrt(query.shape[1])).transpose(1, 2) @ key, dim=-1)
+        attended = (value @ attention.transpose(1, 2).to(value.dtype)).reshape(n, value.shape[1], h, w)
+        return x + self.norm(self.out(attended))
+
+
+class OverlapStage(nn.Module):
+    """One layer of the bilayer head: 3x3 conv, non-local attention, three 3x3 convs, then two 28x28 predictors."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv_in = MaskRCNNHeads(channels, [channels], dilation=1)
+        self.attention = NonLocalAttention(channels)
+        self.convs = MaskRCNNHeads(channels, [channels] * 3, dilation=1)
+        self.mask_predictor = MaskRCNNPredictor(channels, channels, num_classes)
+        self.edge_predictor = MaskRCNNPredictor(channels, channels, num_classes)
+        for predictor in (self.mask_predictor, self.edge_predictor):  # start near p = 0.5, as detectron2's mask head
+            nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
+            nn.init.zeros_(predictor.mask_fcn_logits.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return the stage features and the mask and boundary logits."""
+        x = self.convs(self.attention(self.conv_in(x)))
+        return x, self.mask_predictor(x), self.edge_predictor(x)
+
+
+class BilayerOverlapHead(nn.Module):
+    """Stage 1 on F predicts the overlap region; stage 2 on F + X1 the rest of the instance (overlap-else)."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.overlap = OverlapStage(channels, num_classes)
+        self.overlap_else = OverlapStage(channels, num_classes)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Return X2 and the (overlap, overlap edge, overlap-else, overlap-else edge) logits."""
+        x1, overlap, overlap_edge = self.overlap(features)
+        x2, overlap_else, overlap_else_edge = self.overlap_else(features + x1)
+        return x2, (overlap, overlap_edge, overlap_else, overlap_else_edge)
+
+
+class DaCSegRoIHeads(RoIHeads):
+    """torchvision ``RoIHeads`` whose mask branch is DaCSeg's: overlap classifier, bilayer head, fused mask.
+
+    Set ``return_overlap_maps = True`` to also return the four auxiliary maps (``OVERLAP_MAP_KEYS``) at inference.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        overlap_classifier: nn.Module,
+        overlap_head: BilayerOverlapHead,
+        min_overlap_area: float = 20.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.has_mask():
+            raise ValueError("DaCSegRoIHeads needs the mask branch (mask_roi_pool, mask_head, mask_predictor)")
+        self.overlap_classifier = overlap_classifier
+        self.overlap_head = overlap_head
+        self.min_overlap_area = float(min_overlap_area)  # px² at the original image scale
+        self.return_overlap_maps = False
+
+    @classmethod
+    def from_roi_heads(
+        cls,
+        roi_heads: RoIHeads,
+        *,
+        overlap_classifier: nn.Module,
+        overlap_head: BilayerOverlapHead,
+        min_overlap_area: float = 20.0,
+    ) -> "DaCSegRoIHeads":
+        """Take over the modules (shared, not copied) and settings of a torchvision Mask R-CNN ``RoIHeads``."""
+        return cls(
+            roi_heads.box_roi_pool,
+            roi_heads.box_head,
+            roi_heads.box_predictor,
+            roi_heads.proposal_matcher.high_threshold,
+            roi_heads.proposal_matcher.low_threshold,
+            roi_heads.fg_bg_sampler.batch_size_per_image,
+            roi_heads.fg_bg_sampler.positive_fraction,
+            roi_heads.box_coder.weights,
+            roi_heads.score_thresh,
+            roi_heads.nms_thresh,
+            roi_heads.detections_per_img,
+            mask_roi_pool=roi_heads.mask_roi_pool,
+            mask_head=roi_heads.mask_head,
+            mask_predictor=roi_heads.mask_predictor,
+            overlap_classifier=overlap_classifier,
+            overlap_head=overlap_head,
+            min_overlap_area=min_overlap_area,
+        )
+
+    def box_logits(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Class logits and box regression of the box branch (unchanged from Mask R-CNN)."""
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        return self.box_predictor(box_features)
+
+    def dacseg_logits(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> DaCSegLogits:
+        """Run every DaCSeg head on the mask RoI features of ``boxes``, pooled once."""
+        roi_features = self.mask_roi_pool(features, boxes, image_shapes)
+        x2, overlap_maps = self.overlap_head(roi_features)
+        mask = self.mask_predictor(self.mask_head(roi_features + x2))
+        return DaCSegLogits(self.overlap_classifier(roi_features), *overlap_maps, mask)
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if not self.training:
+            return self.detect(features, proposals, image_shapes), {}
+        if targets is None:
+            raise ValueError("DaCSegRoIHeads needs targets in training mode")
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self.box_logits(features, proposals, image_shapes)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+
+        positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
+        mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
+        pos_matched_idxs = [idxs[pos] for idxs, pos in zip(matched_idxs, positives)]
+        logits = self.dacseg_logits(features, mask_proposals, image_shapes)
+
+        gt_masks = [t["masks"] for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        min_areas = [self.min_overlap_area * t.get(AREA_SCALE_KEY, 1.0) for t in targets]
+        resolution = logits.mask.shape[-1]
+        targets_overlap = overlap_targets(mask_proposals, gt_masks, gt_labels, pos_matched_idxs, min_areas, resolution)
+        losses = {
+            "loss_classifier": loss_classifier,
+            "loss_box_reg": loss_box_reg,
+            "loss_mask": maskrcnn_loss(logits.mask, mask_proposals, gt_masks, gt_labels, pos_matched_idxs),
+        }
+        losses.update(dacseg_loss(logits, targets_overlap))
+        return [], losses
+
+    def detect(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Detections with fused ``masks``, ``overlap_scores`` and, when asked, the auxiliary maps (28x28 per box)."""
+        class_logits, box_regression = self.box_logits(features, proposals, image_shapes)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        logits = self.dacseg_logits(features, boxes, image_shapes)
+        counts = [len(b) for b in boxes]
+        masks = maskrcnn_inference(logits.mask, labels)
+        overlap_scores = logits.overlap_cls.float().softmax(dim=1)[:, 1].split(counts)
+        result = [
+            {"boxes": b, "labels": lab, "scores": s, "masks": m, "overlap_scores": o}
+            for b, lab, s, m, o in zip(boxes, labels, scores, masks, overlap_scores)
+        ]
+        if self.return_overlap_maps:
+            for key, map_logits in zip(OVERLAP_MAP_KEYS, logits[1:5]):
+                for detections, probs in zip(result, maskrcnn_inference(map_logits, labels)):
+                    detections[key] = probs
+        return result
+
+
+class DaCSegTransform(GeneralizedRCNNTransform):
+    """``GeneralizedRCNNTransform`` that records each target's resize area scale and pastes the overlap maps."""
+
+    def resize(
+        self, image: Tensor, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        height, width = image.shape[-2:]
+        image, target = super().resize(image, target)
+        if target is not None:
+            new_height, new_width = image.shape[-2:]
+            scale = (new_height * new_width) / (height * width)
+            target[AREA_SCALE_KEY] = torch.tensor(scale, dtype=torch.float32, device=image.device)
+        return image, target
+
+    def postprocess(
+        self,
+        result: list[dict[str, Tensor]],
+        image_shapes: list[tuple[int, int]],
+        original_image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        if self.training:
+            return result
+        for detections, size in zip(result, original_image_sizes):
+            for key in OVERLAP_MAP_KEYS:
+                if key in detections:  # boxes are already at the original size here
+                    detections[key] = paste_masks_in_image(detections[key], detections["boxes"], size)
+        return result
+
+
+def weight_losses(model: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: scale each training loss by ``model.loss_weights`` (names not listed weigh 1)."""
+    if not model.training or not isinstance(output, dict):
+        return output
+    return {name: loss * model.loss_weights.get(name, 1.0) for name, loss in output.items()}
+
+
+def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
+    """Turn a torchvision Mask R-CNN into DaCSeg in place and return it.
+
+    Keeps the backbone, RPN, box branch and mask RoIAlign/head/predictor (so Mask R-CNN weights load into it), adds
+    the overlap classifier (``config.overlap_cls_head``) and the bilayer head, swaps the transform for
+    ``DaCSegTransform`` and registers a forward hook that applies ``config.loss_weights`` (``model.loss_weights``).
+    """
+    roi_heads = model.roi_heads
+    if isinstance(roi_heads, DaCSegRoIHeads):
+        raise ValueError("model is already a DaCSeg model")
+    if roi_heads.mask_predictor is None or roi_heads.mask_roi_pool is None:
+        raise ValueError("convert_to_dacseg needs a Mask R-CNN model (with a mask branch)")
+    num_classes = config.num_classes + 1  # with background, as torchvision counts
+    if roi_heads.box_predictor.cls_score.out_features != num_classes:
+        raise ValueError(
+            f"model has {roi_heads.box_predictor.cls_score.out_features - 1} classes but config.num_classes is "
+            f"{config.num_classes}"
+        )
+    channels = roi_heads.mask_predictor.conv5_mask.in_channels
+    resolution = roi_heads.mask_roi_pool.output_size[0]
+    if config.overlap_cls_head == "fc":
+        classifier = overlap_classifier_fc(channels, resolution)
+    else:
+        classifier = overlap_classifier_conv(channels)
+    device = roi_heads.mask_predictor.conv5_mask.weight.device
+    model.roi_heads = DaCSegRoIHeads.from_roi_heads(
+        roi_heads,
+        overlap_classifier=classifier.to(device),
+        overlap_head=BilayerOverlapHead(channels, num_classes).to(device),
+        min_overlap_area=config.min_overlap_area,
+    )
+    transform = model.transform
+    model.transform = DaCSegTransform(
+        transform.min_size,
+        transform.max_size,
+        transform.image_mean,
+        transform.image_std,
+        size_divisible=transform.size_divisible,
+        fixed_size=transform.fixed_size,
+        _skip_resize=transform._skip_resize,
+    )
+    model.loss_weights = {name: float(config.loss_weights.get(name, 1.0)) for name in LOSS_NAMES}
+    model.register_forward_hook(weight_losses)
+    return model

@@ -1,0 +1,75 @@
+"""Predict chromosome instances on images with a trained checkpoint (Mask R-CNN or DaCSeg).
+
+    python predict.py --weights-path save_weights/best.pth metaphase.tif more_images/ "batch_*/*.png" --output-dir P
+
+The model is rebuilt from the checkpoint alone. Writes ``P/<stem>_pred.png`` per image, ``P/predictions.json`` (COCO
+results) and ``P/images.json`` (image ids to files); see ``train_utils/inference.py`` for the formats. An unreadable
+image is reported and skipped; the others are predicted, and the exit status is then 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from my_dataset_chromosome import DatasetError  # noqa: E402
+from train_utils.args import ArgumentParser, UserError, add_device_args, add_threshold_args, print_error  # noqa: E402
+from train_utils.checkpoint import CheckpointError, load_model_from_checkpoint  # noqa: E402
+from train_utils.inference import InferenceError, expand_inputs, label_maps, predict_files, prepare_model  # noqa: E402
+
+
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="predict.py", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders of images, or quoted globs (e.g. 'data/**/*.tif')")
+    parser.add_argument("--weights-path", required=True, metavar="CKPT",
+                        help="checkpoint written by train.py (model_<epoch>.pth or best.pth)")
+    parser.add_argument("--output-dir", default="predictions", metavar="DIR",
+                        help="where the pictures and JSON files go (default: %(default)s)")
+    parser.add_argument("--label-json-path", default=None, metavar="JSON",
+                        help='class names {"1": "chromosome", ...} (default: the names stored in the checkpoint)')
+    parser.add_argument("--overlap-thresh", type=float, default=0.5, metavar="P",
+                        help="DaCSeg: outline detections whose overlap score is at least P (default: %(default)s)")
+    parser.add_argument("--save-overlap-maps", action="store_true",
+                        help="DaCSeg: also write each image's four overlap probability maps as grey PNGs")
+    add_device_args(parser)
+    add_threshold_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.overlap_thresh <= 1.0:
+        parser.error(f"argument --overlap-thresh: {args.overlap_thresh} is not in 0..1")
+    try:
+        paths = expand_inputs(args.inputs)
+        model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
+        label_names, label_to_cat_id = label_maps(checkpoint, config, args.label_json_path)
+        if args.save_overlap_maps and config.name != "dacseg":
+            raise UserError(
+                f"--save-overlap-maps needs a DaCSeg checkpoint; {args.weights_path} holds a {config.name} model"
+            )
+        prepare_model(model, config, args.score_thresh, overlap_maps=args.save_overlap_maps)
+        summary = predict_files(
+            model, paths, args.output_dir, label_names, label_to_cat_id, device=args.device,
+            score_thresh=args.score_thresh, overlap_thresh=args.overlap_thresh, mask_thresh=args.mask_thresh,
+            save_overlap_maps=args.save_overlap_maps,
+        )
+    except (CheckpointError, DatasetError, InferenceError, UserError) as exc:
+        print_error(exc)
+        return 2
+    done = len(summary.images)
+    mean_ms = 1000 * summary.seconds / done if done else 0.0
+    print(f"{done} image(s), {summary.num_detections} detection(s), {mean_ms:.0f} ms per image; "
+          f"results in {Path(args.output_dir) / 'predictions.json'}")
+    if summary.failed:
+        names = ", ".join(f["file_name"] for f in summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else "")
+        print_error(f"{len(summary.failed)} of {len(paths)} image(s) could not be read: {names}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

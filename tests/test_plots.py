@@ -1,0 +1,45 @@
+"""The training plots render from metrics.jsonl records, with or without evaluation."""
+from __future__ import annotations
+
+from PIL import Image
+
+from train_utils import plots
+
+
+def _records():
+    out = []
+    for epoch in range(4):
+        record = {"epoch": epoch, "lr": 0.02 * (0.5 ** epoch), "loss": 3.0 / (epoch + 1),
+                  "loss_classifier": 1.0 / (epoch + 1), "loss_mask": 2.0 / (epoch + 1)}
+        if epoch % 2 == 1:  # evaluated every second epoch
+            record["bbox"] = {"AP": 0.1 * epoch, "AP50": 0.2 * epoch}
+            record["segm"] = {"AP": 0.12 * epoch, "AP50": 0.25 * epoch}
+        out.append(record)
+    return out
+
+
+def _is_png(path, size=(800, 500)):
+    with Image.open(path) as im:
+        return im.format == "PNG" and im.size == size
+
+
+def test_plot_all_writes_both_pngs(tmp_path):
+    paths = plots.plot_all(_records(), tmp_path / "out")
+    assert [p.name for p in paths] == [plots.LOSS_AND_LR_PNG, plots.MAP_PNG]
+    assert all(_is_png(p) for p in paths)
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_plots_without_evaluation_or_records(tmp_path):
+    no_eval = [{k: v for k, v in r.items() if k not in ("bbox", "segm")} for r in _records()]
+    assert _is_png(plots.plot_map(no_eval, tmp_path / "m.png"))
+    assert _is_png(plots.plot_loss_and_lr([], tmp_path / "l.png"))
+    # a zero loss term cannot go on a log axis; the plot falls back to linear
+    zero = [dict(r, loss_mask=0.0) for r in _records()]
+    assert _is_png(plots.plot_loss_and_lr(zero, tmp_path / "z.png"))
+
+
+def test_epoch_ticks_are_integers_and_thinned():
+    assert plots._epoch_ticks([0, 1, 2]) == [0, 1, 2]
+    ticks = plots._epoch_ticks(list(range(100)))
+    assert len(ticks) <= 15 and ticks[0] == 0 and all(isinstance(t, int) for t in ticks)

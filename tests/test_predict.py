@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+import predict
+from network_files import ModelConfig, build_model
+from train_utils.checkpoint import save_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAP_NAMES = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
+
+
+def make_checkpoint(path: Path, name: str) -> Path:
+    """An untrained small model; 3 detections per image keep the run short."""
+    torch.manual_seed(0)
+    config = ModelConfig(name=name, min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn",
+                         box_detections_per_img=3, overlap_cls_head="conv")
+    model = build_model(config)
+    save_checkpoint({"model": model.state_dict(), "model_config": config.to_dict(), "epoch": 0,
+                     "label_names": {1: "chromosome"}, "label_to_cat_id": {1: 1}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def maskrcnn_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "maskrcnn.pth", "maskrcnn")
+
+
+@pytest.fixture(scope="module")
+def dacseg_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "dacseg.pth", "dacseg")
+
+
+def run(ckpt: Path, out: Path, *inputs: object, extra: tuple[str, ...] = ()) -> int:
+    return predict.main(["--weights-path", str(ckpt), *map(str, inputs), "--output-dir", str(out),
+                         "--device", "cpu", "--score-thresh", "0.0", *extra])
+
+
+def read_lines_json(path: Path) -> list[dict]:
+    text = path.read_text()
+    results = json.loads(text)
+    assert text.count("\n") == len(results) + 2 if results else text == "[]\n"  # one result per line
+    return results
+
+
+def test_maskrcnn_predictions_load_into_coco_and_pictures_are_written(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_*.png") == 0
+    printed = capsys.readouterr().out
+    assert "val_001.png: 3 detections" in printed and " ms" in printed
+
+    for stem in ("val_001", "val_002"):
+        picture = Image.open(out / f"{stem}_pred.png")
+        assert picture.mode == "RGB" and picture.width >= 160
+    results = read_lines_json(out / "predictions.json")
+    assert len(results) == 6 and all("overlap_score" not in r for r in results)
+    assert {r["image_id"] for r in results} == {1, 2}
+    assert all(r["segmentation"]["size"] == [128, 160] and 0 <= r["score"] <= 1 for r in results)
+
+    gt = COCO(str(tiny_coco / "annotations" / "instances_val.json"))
+    detections = gt.loadRes(str(out / "predictions.json"))  # COCO accepts it against the matching ground truth
+    assert len(detections.getAnnIds()) == 6
+
+    index = json.loads((out / "images.json").read_text())
+    assert [(i["id"], Path(i["file_name"]).name, i["width"], i["height"], i["num_detections"])
+            for i in index["images"]] == [(1, "val_001.png", 160, 128, 3), (2, "val_002.png", 160, 128, 3)]
+    assert Path(index["images"][0]["file_name"]) == (tiny_coco / "images" / "val_001.png").resolve()
+    assert index["categories"] == [{"id": 1, "name": "chromosome"}] and index["failed"] == []
+
+
+def test_tiff_16bit_grey_rgb_and_same_stems_in_two_folders(tiny_coco, maskrcnn_ckpt, tmp_path):
+    grey = np.asarray(Image.open(tiny_coco / "images" / "val_001.png").convert("L"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray((grey.astype(np.uint16) * 40 + 1000)).save(tmp_path / "a" / "cell.tif")  # 16-bit, narrow range
+    Image.fromarray(grey).save(tmp_path / "b" / "cell.png")
+    Image.fromarray(np.stack([grey] * 3, axis=-1)[:100, :90]).save(tmp_path / "b" / "colour.jpg")
+    assert Image.open(tmp_path / "a" / "cell.tif").mode == "I;16"
+
+    out = tmp_path / "pred"
+    assert run(maskrcnn_ckpt, out, tmp_path / "a" / "cell.tif", tmp_path / "b", extra=("--score-thresh", "1.0")) == 0
+    assert {p.name for p in out.glob("*_pred.png")} == {"a__cell_pred.png", "b__cell_pred.png", "colour_pred.png"}
+    index = json.loads((out / "images.json").read_text())
+    assert [(i["stem"], i["width"], i["height"], i["num_detections"]) for i in index["images"]] == [
+        ("a__cell", 160, 128, 0), ("b__cell", 160, 128, 0), ("colour", 90, 100, 0)]
+    assert (out / "predictions.json").read_text() == "[]\n"  # nothing scores 1.0
+
+
+def test_dacseg_writes_overlap_scores_and_overlap_maps(tiny_coco, dacseg_ckpt, tmp_path):
+    out = tmp_path / "pred"
+    assert run(dacseg_ckpt, out, tiny_coco / "images" / "val_001.png", extra=("--save-overlap-maps",)) == 0
+    results = read_lines_json(out / "predictions.json")
+    assert len(results) == 3 and all(0 <= r["overlap_score"] <= 1 for r in results)
+    for name in MAP_NAMES:
+        picture = Image.open(out / f"val_001_{name}.png")
+        assert picture.mode == "L" and picture.size == (160, 128)
+        assert np.asarray(picture).max() > 0  # three detections leave some probability somewhere
+    index = json.loads((out / "images.json").read_text())
+    assert index["images"][0]["num_overlapping"] == sum(r["overlap_score"] >= 0.5 for r in results)
+    assert (out / "val_001_pred.png").is_file()
+
+
+def test_overlap_maps_of_a_maskrcnn_checkpoint_are_refused(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
+    code = run(maskrcnn_ckpt, tmp_path / "pred", tiny_coco / "images" / "val_001.png", extra=("--save-overlap-maps",))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: --save-overlap-maps needs a DaCSeg checkpoint; {maskrcnn_ckpt} holds a maskrcnn model"]
+    assert not (tmp_path / "pred").exists()
+
+
+def test_an_unreadable_image_is_reported_and_the_others_predicted(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "good.png").write_bytes((tiny_coco / "images" / "val_002.png").read_bytes())
+    out = tmp_path / "pred"
+    assert run(maskrcnn_ckpt, out, folder) == 2
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and "broken.png" in err
+    assert err.strip().splitlines()[-1].startswith("error: 1 of 2 image(s) could not be read:")
+    assert (out / "good_pred.png").is_file() and not (out / "broken_pred.png").exists()
+    index = json.loads((out / "images.json").read_text())
+    assert [i["id"] for i in index["images"]] == [2]
+    assert [(f["id"], Path(f["file_name"]).name) for f in index["failed"]] == [(1, "broken.png")]
+    assert {r["image_id"] for r in read_lines_json(out / "predictions.json")} == {2}
+
+
+def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys):
+    image = tiny_coco / "images" / "val_001.png"
+    assert predict.main(["--weights-path", str(tmp_path / "none.pth"), str(image)]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint not found: {tmp_path / 'none.pth'}\n"
+    assert predict.main(["--weights-path", str(tmp_path / "none.pth"), str(tmp_path / "*.tif")]) == 2
+    assert capsys.readouterr().err == f"error: input '{tmp_path / '*.tif'}' matches no file or folder\n"
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--weights-path", "w.pth", str(image), "--overlap-thresh", "2"])
+    assert exit_info.value.code == 2 and "--overlap-thresh" in capsys.readouterr().err
+
+
+def test_runs_as_a_script(tmp_path):
+    missing = tmp_path / "missing.pth"
+    done = subprocess.run([sys.executable, "predict.py", "--weights-path", str(missing), str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == f"error: folder {tmp_path} holds no images (.png .jpg .jpeg .tif .tiff .bmp)\n"

@@ -1,0 +1,173 @@
+"""End to end: train.py on the tiny set (in-process), its output files and formats, exact resume, --test-only,
+a non-finite loss, and one-line errors."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torchvision.models.detection.roi_heads as tv_roi_heads
+from PIL import Image
+
+import train
+from train_utils.checkpoint import load_checkpoint
+from train_utils.results import parse_epoch_line, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+LINE_RE = re.compile(r"^epoch:\d+ (-?\d+\.\d{4}  ){13}\d+\.\d{6}$")
+LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def tiny_args(data: Path, out: Path, *extra: str, seed: bool = True) -> list[str]:
+    return ["--data-path", str(data), "--output-dir", str(out), "--device", "cpu", "--workers", "0", "-b", "2",
+            "--min-size", "128", "--max-size", "160", "--trainable-backbone-layers", "0", "--lr", "0.002",
+            "--clip-grad-norm", "10", *(["--seed", "0"] if seed else []), *extra]
+
+
+@pytest.fixture(scope="module")
+def run_two_epochs(tiny_coco, tmp_path_factory):
+    """An uninterrupted 2-epoch run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    assert train.main(tiny_args(tiny_coco, out, "--epochs", "2", "--keep-last", "2")) == 0
+    return out
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_result_files_have_the_seeds_format(run_two_epochs):
+    for name in ("det_results.txt", "seg_results.txt"):
+        lines = _lines(run_two_epochs / name)
+        assert [parse_epoch_line(line)[0] for line in lines] == [0, 1]
+        assert all(LINE_RE.match(line) for line in lines), lines
+    records = read_jsonl(run_two_epochs / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1]
+    seg = [parse_epoch_line(line)[1] for line in _lines(run_two_epochs / "seg_results.txt")]
+    det = [parse_epoch_line(line)[1] for line in _lines(run_two_epochs / "det_results.txt")]
+    for record, seg_numbers, det_numbers in zip(records, seg, det):
+        for key in ("loss", *LOSS_TERMS, "lr", "images_per_s", "epoch_time_s", "eval_time_s", "precision",
+                    "recall", "f1", "count_mae", "count_exact"):
+            assert isinstance(record[key], float), key
+        assert seg_numbers[:12] == [round(v, 4) for v in record["segm"]["stats"]]
+        assert det_numbers[:12] == [round(v, 4) for v in record["bbox"]["stats"]]
+        assert seg_numbers[12] == det_numbers[12] == round(record["loss"], 4)
+        assert seg_numbers[13] == round(record["lr"], 6)
+        assert record["loss"] == pytest.approx(sum(record[k] for k in LOSS_TERMS))
+        assert {"AP", "AP50", "recall"} <= set(record["overlap_segm"]) and "summary_lines" not in record["segm"]
+    assert records[0]["lr"] == 0.002 and records[1]["lr"] == pytest.approx(0.001)  # cosine over 2 epochs
+
+
+def test_side_files(run_two_epochs):
+    args = json.loads((run_two_epochs / "args.json").read_text())
+    assert args["seed"] == 0 and args["epochs"] == 2 and args["world_size"] == 1
+    assert json.loads((run_two_epochs / "labels.json").read_text()) == {"1": "chromosome"}
+    for name in ("loss_and_lr.png", "mAP.png"):
+        with Image.open(run_two_epochs / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    assert not list(run_two_epochs.glob("*.tmp"))
+
+
+def test_checkpoints(run_two_epochs):
+    assert sorted(p.name for p in run_two_epochs.glob("*.pth")) == ["best.pth", "model_0.pth", "model_1.pth"]
+    ckpt = load_checkpoint(run_two_epochs / "model_1.pth")  # weights_only=True
+    assert set(ckpt) >= {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "model_config",
+                         "label_names", "label_to_cat_id", "rng_state", "best_segm_ap"}
+    assert ckpt["epoch"] == 1 and ckpt["scaler"] is None
+    assert ckpt["model_config"]["trainable_layers"] == 0 and ckpt["model_config"]["norm_layer"] == "bn"
+    assert ckpt["label_names"] == {1: "chromosome"} and ckpt["label_to_cat_id"] == {1: 1}
+    seg_ap = [parse_epoch_line(line)[1][0] for line in _lines(run_two_epochs / "seg_results.txt")]
+    best = load_checkpoint(run_two_epochs / "best.pth")
+    assert best["epoch"] == seg_ap.index(max(seg_ap))
+    assert round(ckpt["best_segm_ap"], 4) == max(seg_ap)
+
+
+def test_resume_repeats_the_uninterrupted_run(run_two_epochs, tiny_coco, tmp_path):
+    """Resume after epoch 0 into a folder holding epoch 0's lines: epoch 1 equals the uninterrupted run's, epoch 0
+    is not written twice, and --keep-last 1 prunes model_0."""
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(run_two_epochs / "model_0.pth", out / "model_0.pth")
+    for name in ("det_results.txt", "seg_results.txt"):
+        (out / name).write_text(_lines(run_two_epochs / name)[0] + "\n")
+    argv = tiny_args(tiny_coco, out, "--epochs", "2", "--keep-last", "1", "--resume", str(out / "model_0.pth"),
+                     seed=False)  # the seed comes from the checkpoint
+    assert train.main(argv) == 0
+    for name in ("det_results.txt", "seg_results.txt"):
+        assert _lines(out / name) == _lines(run_two_epochs / name)
+    resumed = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == [1]
+    uninterrupted = read_jsonl(run_two_epochs / "metrics.jsonl")[1]
+    for key in ("loss", *LOSS_TERMS, "lr"):
+        assert resumed[0][key] == uninterrupted[key], key
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_1.pth"]
+
+
+def test_test_only_evaluates_a_checkpoint(run_two_epochs, tiny_coco, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = tiny_args(tiny_coco, out, "--test-only", "--resume", str(run_two_epochs / "model_1.pth"))
+    assert train.main(argv) == 0
+    record = json.loads((out / "record_mAP.json").read_text())
+    seg_line = parse_epoch_line(_lines(run_two_epochs / "seg_results.txt")[1])[1]
+    assert [round(v, 4) for v in record["segm"]["stats"]] == seg_line[:12]
+    assert (out / "record_mAP.txt").is_file() and not list(out.glob("*.pth"))
+    assert "record written to" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(run_two_epochs, tiny_coco, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    out.mkdir()
+    shutil.copy(run_two_epochs / "model_0.pth", out / "model_0.pth")
+    before = (out / "model_0.pth").stat()
+    real_loss = tv_roi_heads.maskrcnn_loss
+    monkeypatch.setattr(tv_roi_heads, "maskrcnn_loss", lambda *a: real_loss(*a) * float("nan"))
+    argv = tiny_args(tiny_coco, out, "--epochs", "2", "--resume", str(out / "model_0.pth"))
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: non-finite loss at epoch 1, iteration 0")
+    assert "loss_mask=nan" in err[0] and "loss_classifier=" in err[0]
+    after = (out / "model_0.pth").stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".pth", ".txt", ".jsonl")) == ["model_0.pth"]
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ("missing", "no such directory"),
+    ("empty", "instances_val.json"),
+    ("classes", "--num-classes 3"),
+    ("checkpoint", "checkpoint not found"),
+    ("weights", "--loss-weights"),  # plain Mask R-CNN does not weigh its losses (yet): say so, don't ignore them
+])
+def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys, setup, expected):
+    data, extra = tiny_coco, []
+    if setup == "missing":
+        data = tmp_path / "nowhere"
+    elif setup == "empty":
+        data = tmp_path
+    elif setup == "classes":
+        extra = ["--num-classes", "3"]
+    elif setup == "weights":
+        extra = ["--loss-weights", "loss_mask=2"]
+    else:
+        extra = ["--resume", str(tmp_path / "none.pth")]
+    assert train.main(tiny_args(data, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_help_and_bad_flag():
+    def start(*argv):
+        return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    helping, failing = start("--help"), start("--data-path", "D", "--epochs", "two")  # side by side: faster
+    out, _ = helping.communicate(timeout=120)
+    assert helping.returncode == 0 and "--data-path" in out and "--loss-weights" in out
+    out, err = failing.communicate(timeout=120)
+    assert failing.returncode == 2 and out == ""
+    assert err.splitlines() == ["train.py: error: argument --epochs: 'two' is not an integer"]

@@ -1,0 +1,108 @@
+"""train_multi_GPU.py under torchrun with two CPU processes (gloo): one epoch, files written once, metrics equal to
+a one-process evaluation, resume on another process count, and a failing process ending the job."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import train
+import train_multi_GPU
+from train_utils.results import parse_epoch_line, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+DACSEG_TERMS = ("loss_overlap_cls", "loss_overlap", "loss_overlap_edge", "loss_overlap_else", "loss_overlap_else_edge")
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-path", str(data), "--output-dir", str(out), "--device", "cpu", "--workers", "0", "-b", "1",
+            "--min-size", "128", "--max-size", "160", "--trainable-backbone-layers", "0", "--lr", "0.002",
+            "--model", "dacseg", "--overlap-cls-head", "conv", "--seed", "0", "--dist-timeout", "60", *extra]
+
+
+def torchrun(script: str | Path, argv: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_coco, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    run = torchrun("train_multi_GPU.py", tiny_args(tiny_coco, out, "--epochs", "1"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out, run
+
+
+def test_one_epoch_written_once(ddp_run):
+    out, run = ddp_run
+    for name in ("det_results.txt", "seg_results.txt"):
+        lines = (out / name).read_text().splitlines()
+        assert len(lines) == 1 and parse_epoch_line(lines[0])[0] == 0
+    records = read_jsonl(out / "metrics.jsonl")
+    assert len(records) == 1 and records[0]["num_images"] == 2  # both processes' shards were evaluated
+    assert all(isinstance(records[0][k], float) for k in DACSEG_TERMS)  # all ten loss terms
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "model_0.pth"]
+    assert run.stdout.count("epoch 0: loss") == 1  # only process 0 reports
+
+
+def test_distributed_metrics_equal_one_process(ddp_run, tiny_coco, tmp_path):
+    out, _ = ddp_run
+    single = tmp_path / "single"
+    # train_multi_GPU.py without torchrun is a one-process job
+    assert train_multi_GPU.main(tiny_args(tiny_coco, single, "--test-only", "--resume", str(out / "model_0.pth"))) == 0
+    record = json.loads((single / "record_mAP.json").read_text())
+    distributed = read_jsonl(out / "metrics.jsonl")[0]
+    for iou_type in ("bbox", "segm"):
+        assert record[iou_type]["stats"] == distributed[iou_type]["stats"]
+    for key in ("num_images", "num_detections", "num_detections_at_thresh", "precision", "recall", "count_mae"):
+        assert record[key] == distributed[key], key
+
+
+def test_two_process_checkpoint_resumes_on_one(ddp_run, tiny_coco, tmp_path):
+    out, _ = ddp_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("model_0.pth", "det_results.txt", "seg_results.txt", "metrics.jsonl"):
+        (resumed / name).write_bytes((out / name).read_bytes())
+    argv = tiny_args(tiny_coco, resumed, "--epochs", "2", "--resume", str(resumed / "model_0.pth"), "-b", "2")
+    assert train.main(argv) == 0
+    lines = (resumed / "seg_results.txt").read_text().splitlines()
+    assert [parse_epoch_line(line)[0] for line in lines] == [0, 1]
+    assert lines[0] == (out / "seg_results.txt").read_text().splitlines()[0]
+    assert [r["epoch"] for r in read_jsonl(resumed / "metrics.jsonl")] == [0, 1]
+
+
+def test_a_failing_process_ends_the_job(tiny_coco, tmp_path):
+    script = tmp_path / "failing_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from train_utils import engine
+        import train_multi_GPU
+
+        real = engine.train_one_epoch
+
+        def fail_on_rank_1(*args, **kwargs):
+            if os.environ["RANK"] == "1":
+                raise RuntimeError("injected failure on rank 1")
+            return real(*args, **kwargs)
+
+        engine.train_one_epoch = fail_on_rank_1
+        sys.exit(train_multi_GPU.main())
+    """))
+    start = time.monotonic()
+    run = torchrun(script, tiny_args(tiny_coco, tmp_path / "out", "--epochs", "1"), timeout=300)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    assert elapsed < 200  # far below the 60 s process-group timeout after start-up; no hang
+    log = run.stdout + run.stderr
+    assert "[rank 1]" in log and "injected failure on rank 1" in log
+    assert not (tmp_path / "out" / "model_0.pth").exists()

@@ -1,0 +1,294 @@
+"""The command line of ``train.py`` / ``train_multi_GPU.py``, and the pieces ``validation.py`` and ``predict.py`` share.
+
+Training defaults are the reference setup: SGD, lr 0.02 for a total batch of 4, momentum 0.9, weight decay 1e-4, a
+cosine schedule over 26 epochs with a linear warmup in the first epoch, horizontal + vertical flips, and a model
+trained from scratch unless ``--pretrained`` / ``--pretrained-backbone`` give weights.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any, NoReturn, Sequence
+
+import torch
+
+from network_files.config import BACKBONE_NAMES, DACSEG_LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS
+from network_files.config import ModelConfig
+from transforms import PRESETS
+
+MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
+_MODEL_DEFAULTS = ModelConfig()
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a flag, a path); scripts print it as one line and exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors are one line, ``<prog>: error: <message>``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_workers() -> int:
+    """Data-loading processes: up to 4, never more than the CPU cores."""
+    return min(4, os.cpu_count() or 1)
+
+
+def device_arg(text: str) -> str:
+    """``--device`` value: a torch device string that this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return text
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse ``type`` converting to ``kind`` and checking ``low <= value <= high`` (``low < value`` if open)."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+def loss_weight_arg(text: str) -> tuple[str, float]:
+    """``--loss-weights`` item: ``name=value`` with a known loss name and a finite weight >= 0."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not name=value (e.g. loss_mask=2)")
+    if name not in LOSS_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
+    weight = _number(float, low=0.0)(value)
+    return name, weight
+
+
+class _LossWeightsAction(argparse.Action):
+    """Collects ``name=value`` pairs into a dict (later ones win)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        weights = dict(getattr(namespace, self.dest) or {})
+        weights.update(dict(values))
+        setattr(namespace, self.dest, weights)
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``cuda`` when available, else ``cpu``)."""
+    parser.add_argument("--device", type=device_arg, default=default_device(),
+                        help="device to run on: cpu, cuda or cuda:<index> (default: %(default)s)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--data-path`` (the COCO-layout root) and ``-j/--workers``."""
+    parser.add_argument("--data-path", required=required, metavar="DIR",
+                        help="dataset root holding images/ and annotations/instances_<split>.json")
+    parser.add_argument("-j", "--workers", type=_number(int, low=0), default=default_workers(), metavar="N",
+                        help="data-loading worker processes (default: %(default)s; 0 loads in the main process)")
+
+
+def add_threshold_args(parser: argparse.ArgumentParser) -> None:
+    """``--score-thresh`` (detections counted by precision/recall/F1, count error, pictures) and ``--mask-thresh``."""
+    parser.add_argument("--score-thresh", type=_number(float, 0.0, 1.0), default=0.5, metavar="S",
+                        help="keep detections scoring at least S for precision/recall/F1, counts and pictures "
+                             "(default: %(default)s)")
+    parser.add_argument("--mask-thresh", type=_number(float, 0.0, 1.0), default=0.5, metavar="T",
+                        help="mask probability above which a pixel belongs to the instance (default: %(default)s)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that become the ``ModelConfig`` (stored in every checkpoint) and the initial weights."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=MODEL_NAMES, default="maskrcnn",
+                       help="plain Mask R-CNN or DaCSeg's overlap-aware heads (default: %(default)s)")
+    group.add_argument("--num-classes", type=_number(int, low=1), default=None, metavar="K",
+                       help="object classes without background (default: the categories of the training data, "
+                            "1 for a chromosome set); must match the data")
+    group.add_argument("--backbone", choices=BACKBONE_NAMES, default=_MODEL_DEFAULTS.backbone,
+                       help="ResNet of the ResNet-FPN backbone (default: %(default)s)")
+    group.add_argument("--trainable-backbone-layers", type=_number(int, 0, 5), default=None, metavar="N",
+                       help="ResNet stages to train, 0-5 (default: 3 with pretrained weights, 5 from scratch)")
+    group.add_argument("--norm-layer", choices=NORM_LAYERS, default=None,
+                       help="backbone normalisation (default: frozen_bn with pretrained weights, bn from scratch; "
+                            "prefer frozen_bn below a batch of 4)")
+    group.add_argument("--min-size", type=_number(int, low=32), default=_MODEL_DEFAULTS.min_size, metavar="PX",
+                       help="shorter image side after the model's resize (default: %(default)s)")
+    group.add_argument("--max-size", type=_number(int, low=32), default=_MODEL_DEFAULTS.max_size, metavar="PX",
+                       help="longer image side limit after the model's resize (default: %(default)s)")
+    group.add_argument("--anchor-sizes", type=_number(int, low=1), nargs=5, metavar="PX",
+                       default=list(_MODEL_DEFAULTS.anchor_sizes),
+                       help="anchor size of each of the 5 FPN levels (default: %(default)s)")
+    group.add_argument("--box-score-thresh", type=_number(float, 0.0, 1.0), default=_MODEL_DEFAULTS.box_score_thresh,
+                       metavar="S", help="lowest score the model outputs; COCO AP wants it low (default: %(default)s)")
+    group.add_argument("--box-nms-thresh", type=_number(float, 0.0, 1.0), default=_MODEL_DEFAULTS.box_nms_thresh,
+                       metavar="IOU", help="IoU of the per-class NMS on the final boxes (default: %(default)s)")
+    group.add_argument("--detections-per-img", type=_number(int, low=1),
+                       default=_MODEL_DEFAULTS.box_detections_per_img, metavar="N",
+                       help="most detections per image (default: %(default)s)")
+    group.add_argument("--overlap-cls-head", choices=OVERLAP_CLS_HEADS, default=_MODEL_DEFAULTS.overlap_cls_head,
+                       help="DaCSeg overlap classifier: fc as published (~52 M parameters) or a small conv head "
+                            "(default: %(default)s)")
+    group.add_argument("--min-overlap-area", type=_number(float, low=0.0), default=_MODEL_DEFAULTS.min_overlap_area,
+                       metavar="PX2", help="smallest shared area (px^2, original image scale) that counts as a "
+                                           "crossing rather than a touch (default: %(default)s)")
+    group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=_LossWeightsAction, default={},
+                       metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "
+                                              "each)")
+    group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                       help="start from a (COCO) Mask R-CNN: a local state-dict file such as "
+                            "maskrcnn_resnet50_fpn_coco.pth or a torchvision weights name (default: none)")
+    group.add_argument("--pretrained-backbone", default=None, metavar="WEIGHTS",
+                       help="start the ResNet from ImageNet weights: a local file such as resnet50.pth or a "
+                            "torchvision weights name (default: none, from scratch)")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Optimisation, schedule, data pipeline, checkpoints and distributed options of ``train.py``."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--train-split", default="train", metavar="NAME",
+                       help="split trained on: annotations/instances_NAME.json (default: %(default)s)")
+    group.add_argument("--val-split", default="val", metavar="NAME",
+                       help="split evaluated after each epoch (default: %(default)s)")
+    group.add_argument("--epochs", type=_number(int, low=1), default=26, metavar="N",
+                       help="total epochs to train (default: %(default)s)")
+    group.add_argument("-b", "--batch-size", type=_number(int, low=1), default=4, metavar="N",
+                       help="images per step and per process (default: %(default)s)")
+    group.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer (default: %(default)s)")
+    group.add_argument("--lr", type=_number(float, 0.0, low_open=True), default=0.02,
+                       help="learning rate for the total batch; scale it linearly with the batch (default: %(default)s "
+                            "for 4 images)")
+    group.add_argument("--momentum", type=_number(float, 0.0, 1.0), default=0.9, metavar="M",
+                       help="SGD momentum (default: %(default)s)")
+    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_number(float, low=0.0), default=1e-4,
+                       metavar="WD", help="weight decay (default: %(default)s)")
+    group.add_argument("--lr-scheduler", choices=("cosine", "multistep"), default="cosine",
+                       help="per-epoch learning-rate schedule (default: %(default)s)")
+    group.add_argument("--lr-steps", type=_number(int, low=1), nargs="+", default=[16, 22], metavar="EPOCH",
+                       help="epochs at which multistep multiplies the lr by --lr-gamma (default: %(default)s)")
+    group.add_argument("--lr-gamma", type=_number(float, 0.0, 1.0), default=0.1, metavar="G",
+                       help="multistep lr factor (default: %(default)s)")
+    group.add_argument("--warmup-iters", type=_number(int, low=0), default=1000, metavar="N",
+                       help="linear lr warmup over the first N iterations, within the first epoch "
+                            "(default: %(default)s)")
+    group.add_argument("--warmup-factor", type=_number(float, 0.0, 1.0, low_open=True), default=1e-3, metavar="F",
+                       help="lr factor at the first warmup iteration (default: %(default)s)")
+    group.add_argument("--clip-grad-norm", type=_number(float, 0.0, low_open=True), default=None, metavar="NORM",
+                       help="clip the gradient norm to NORM (default: no clipping)")
+    group.add_argument("--amp", action="store_true",
+                       help="mixed precision (autocast; a gradient scaler with float16)")
+    group.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
+                       help="autocast dtype with --amp (default: %(default)s)")
+    group.add_argument("--data-augmentation", choices=PRESETS, default="flip",
+                       help="training augmentation preset; flip = horizontal + vertical flips (default: %(default)s)")
+    group.add_argument("--invert-prob", type=_number(float, 0.0, 1.0), default=0.0, metavar="P",
+                       help="invert grey levels of a training image with probability P (Q-band <-> G-band look) "
+                            "(default: %(default)s)")
+    group.add_argument("--aspect-ratio-group-factor", type=int, default=3, metavar="K",
+                       help="batch images of similar aspect ratio, 2K+1 ratio bins; -1 turns grouping off "
+                            "(default: %(default)s)")
+    group.add_argument("--seed", type=_number(int, low=0), default=None,
+                       help="random seed (default: a fresh one, saved in args.json and the checkpoints)")
+    group.add_argument("--print-freq", type=_number(int, low=1), default=10, metavar="N",
+                       help="iterations between progress updates (default: %(default)s)")
+    group.add_argument("--eval-interval", type=_number(int, low=1), default=1, metavar="N",
+                       help="evaluate every N epochs and after the last (default: %(default)s)")
+    group.add_argument("--output-dir", default="./save_weights", metavar="DIR",
+                       help="where checkpoints, result files and plots go (default: %(default)s)")
+    group.add_argument("--keep-last", type=_number(int, low=0), default=3, metavar="N",
+                       help="keep the newest N model_<epoch>.pth (best.pth always kept; 0 keeps all) "
+                            "(default: %(default)s)")
+    group.add_argument("--resume", default=None, metavar="CKPT",
+                       help="continue training from a checkpoint (model_<epoch>.pth); its model config is used")
+    group.add_argument("--start-epoch", type=_number(int, low=0), default=None, metavar="N",
+                       help="epoch to start from (default: 0, or the epoch after the --resume checkpoint)")
+    group.add_argument("--test-only", action="store_true",
+                       help="only evaluate the --resume checkpoint (or the --pretrained weights) on --val-split and "
+                            "write record_mAP.txt/.json")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="synchronise batch-norm statistics across processes (with --norm-layer bn)")
+    group.add_argument("--dist-timeout", type=_number(int, low=1), default=1800, metavar="S",
+                       help="seconds a process waits for the others before the job fails (default: %(default)s)")
+
+
+def get_args_parser(prog: str | None = None, description: str | None = None) -> ArgumentParser:
+    """The parser of ``train.py`` and ``train_multi_GPU.py``."""
+    parser = ArgumentParser(prog=prog, description=description or "Train Mask R-CNN or DaCSeg on chromosomes.")
+    add_data_args(parser)
+    add_device_args(parser)
+    add_threshold_args(parser)
+    add_model_args(parser)
+    add_training_args(parser)
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, prog: str | None = None, description: str | None = None
+) -> argparse.Namespace:
+    """Parse and cross-check training flags (errors exit 2 with one line)."""
+    parser = get_args_parser(prog=prog, description=description)
+    args = parser.parse_args(argv)
+    if args.max_size < args.min_size:
+        parser.error(f"--max-size {args.max_size} is smaller than --min-size {args.min_size}")
+    if args.test_only and not (args.resume or args.pretrained):
+        parser.error("--test-only needs weights: give --resume CKPT or --pretrained WEIGHTS")
+    if args.lr_scheduler == "multistep" and sorted(args.lr_steps) != list(args.lr_steps):
+        parser.error(f"--lr-steps must increase, got {' '.join(map(str, args.lr_steps))}")
+    return args
+
+
+def model_config_from_args(args: argparse.Namespace, num_classes: int | None = None) -> ModelConfig:
+    """The (unresolved) ``ModelConfig`` the flags describe; ``num_classes`` overrides ``args.num_classes``.
+
+    ``network_files.resolve_config`` fills the automatic fields. Raises ``UserError`` for an impossible combination.
+    """
+    try:
+        return ModelConfig(
+            name=args.model,
+            num_classes=num_classes if num_classes is not None else (args.num_classes or 1),
+            backbone=args.backbone,
+            trainable_layers=args.trainable_backbone_layers,
+            norm_layer=args.norm_layer,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            anchor_sizes=tuple(args.anchor_sizes),
+            box_score_thresh=args.box_score_thresh,
+            box_nms_thresh=args.box_nms_thresh,
+            box_detections_per_img=args.detections_per_img,
+            overlap_cls_head=args.overlap_cls_head,
+            min_overlap_area=args.min_overlap_area,
+            loss_weights=dict(args.loss_weights or {}),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def print_error(message: object, prog: str | None = None) -> None:
+    """Print ``error: <message>`` (one line) to stderr."""
+    text = " ".join(str(message).split())
+    print(f"{prog + ': ' if prog else ''}error: {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,276 @@
+"""Prediction on image files: expanding the inputs, running a model, writing overlays, overlap maps and JSON.
+
+What ``predict_files`` writes into the output folder:
+
+- ``<stem>_pred.png`` per image: the image with coloured instance masks, boxes and ``<score>`` captions
+  (``<label> <score>`` with more than one class); instances whose ``overlap_score`` (DaCSeg) reaches the overlap
+  threshold get a red outline. A title strip names the file and counts the detections.
+- ``<stem>_overlap_mask.png``, ``<stem>_overlap_edge.png``, ``<stem>_overlap_else_mask.png``,
+  ``<stem>_overlap_else_edge.png`` (DaCSeg, when asked): grey 8-bit PNGs at the image's size, grey level
+  ``round(255 * p)`` of the probability ``p``, the maximum over the image's kept detections.
+- ``predictions.json``: a COCO results list (what ``COCO.loadRes`` and ``validation.py --results-json`` read), one
+  detection per line: ``image_id``, ``category_id``, ``bbox`` (xywh), ``score``, ``segmentation`` (compressed RLE)
+  and, for DaCSeg, ``overlap_score``. Only detections scoring at least the score threshold are kept.
+- ``images.json``: maps ``image_id`` back to the files, as COCO ``images``/``categories`` sections:
+  ``{"images": [{"id", "file_name", "width", "height", "stem", "num_detections", "num_overlapping",
+  "inference_ms"}], "categories": [{"id", "name"}], "failed": [{"id", "file_name", "error"}]}``; ``file_name`` is
+  the image's absolute path. ``image_id`` is the image's position in the expanded input
+  list, from 1 (an unreadable image keeps its number, under ``failed``).
+
+``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
+front (``a__img``, ``b__img``) and, for one folder, the suffix behind (``img_png``, ``img_tif``), so no output
+overwrites another.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from my_dataset_chromosome import DatasetError, load_label_json, read_image
+from network_files.config import ModelConfig
+from network_files.dacseg import OVERLAP_MAP_KEYS
+from train_utils.coco_results import outputs_to_coco_results
+from train_utils.visualize import draw_instances
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class InferenceError(ValueError):
+    """Bad prediction input (a pattern matching nothing, an impossible option); one line naming the culprit."""
+
+
+def expand_inputs(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image paths from files, folders (their images, not recursive, hidden files skipped) and globs, in order,
+    without duplicates. A named file is taken whatever its suffix; folders and globs keep ``IMAGE_SUFFIXES`` only."""
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            found.append(path)
+            continue
+        if path.is_dir():
+            images = _folder_images(path)
+            if not images:
+                raise InferenceError(f"folder {path} holds no images ({' '.join(IMAGE_SUFFIXES)})")
+            found.extend(images)
+            continue
+        hits = sorted(glob.glob(str(pattern), recursive=True))
+        if not hits:
+            raise InferenceError(f"input {str(pattern)!r} matches no file or folder")
+        images = []
+        for hit in map(Path, hits):
+            images.extend(_folder_images(hit) if hit.is_dir() else [hit] if _is_image(hit) else [])
+        if not images:
+            suffixes = " ".join(IMAGE_SUFFIXES)
+            raise InferenceError(f"input {str(pattern)!r} matches {len(hits)} path(s) but no images ({suffixes})")
+        found.extend(images)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p))
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct output name per input (case-insensitively, for macOS and Windows disks); see the module docstring."""
+    resolved = [Path(p).resolve() for p in paths]
+    names = [p.stem for p in resolved]
+    clashes = Counter(n.lower() for n in names)
+    for key in [k for k, count in clashes.items() if count > 1]:
+        group = [i for i, n in enumerate(names) if n.lower() == key]
+        common = Path(os.path.commonpath([resolved[i].parent for i in group]))
+        for i in group:
+            names[i] = "__".join([*resolved[i].parent.relative_to(common).parts, resolved[i].stem])
+    clashes = Counter(n.lower() for n in names)
+    names = [f"{n}_{p.suffix.lstrip('.').lower()}" if clashes[n.lower()] > 1 else n for n, p in zip(names, resolved)]
+    used: set[str] = set()
+    for i, name in enumerate(names):  # whatever is left (names differing only in case): number them
+        candidate, k = name, 1
+        while candidate.lower() in used:
+            k += 1
+            candidate = f"{name}-{k}"
+        names[i] = candidate
+        used.add(candidate.lower())
+    return names
+
+
+def label_maps(
+    checkpoint: Mapping[str, Any], config: ModelConfig, label_json_path: str | os.PathLike | None = None
+) -> tuple[dict[int, str], dict[int, int]]:
+    """``(label_names, label_to_cat_id)`` from the checkpoint; a label JSON, when given, renames the classes."""
+    count = config.num_classes
+    names = {int(k): str(v) for k, v in (checkpoint.get("label_names") or {}).items()}
+    if label_json_path is not None:
+        names = load_label_json(label_json_path)
+        if sorted(names) != list(range(1, count + 1)):
+            raise InferenceError(
+                f"{label_json_path} names labels {sorted(names)} but the model has {count} class(es): 1..{count}"
+            )
+    for label in range(1, count + 1):
+        names.setdefault(label, f"class {label}")
+    to_cat = {int(k): int(v) for k, v in (checkpoint.get("label_to_cat_id") or {}).items()}
+    return names, {label: to_cat.get(label, label) for label in range(1, count + 1)}
+
+
+def prepare_model(model: torch.nn.Module, config: ModelConfig, score_thresh: float, overlap_maps: bool = False) -> None:
+    """Let the model return detections down to ``score_thresh`` and, for DaCSeg, the auxiliary maps when asked."""
+    if overlap_maps and config.name != "dacseg":
+        raise InferenceError(f"overlap maps need a DaCSeg checkpoint; this one holds a {config.name} model")
+    model.roi_heads.score_thresh = min(float(model.roi_heads.score_thresh), score_thresh)
+    if config.name == "dacseg":
+        model.roi_heads.return_overlap_maps = overlap_maps
+
+
+@torch.inference_mode()
+def predict_image(
+    model: torch.nn.Module, image: torch.Tensor, device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Run the model on one ``[3, H, W]`` image; returns (its output on the CPU, seconds taken)."""
+    device = torch.device(device)
+    image = image.to(device)
+    start = time.perf_counter()
+    output = model([image])[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {k: v.cpu() for k, v in output.items()}, seconds
+
+
+def keep_confident(output: Mapping[str, torch.Tensor], score_thresh: float) -> dict[str, torch.Tensor]:
+    """The detections scoring at least ``score_thresh``, every per-detection entry kept in step."""
+    keep = output["scores"] >= score_thresh
+    return {k: v[keep] if v.ndim and v.shape[0] == keep.shape[0] else v for k, v in output.items()}
+
+
+def overlapping_detections(output: Mapping[str, torch.Tensor], overlap_thresh: float = 0.5) -> torch.Tensor | None:
+    """``[N]`` bool from ``overlap_scores`` (DaCSeg), None for a model without them."""
+    scores = output.get("overlap_scores")
+    return None if scores is None else scores >= overlap_thresh
+
+
+def overlay(
+    image: torch.Tensor,
+    output: Mapping[str, torch.Tensor],
+    label_names: Mapping[int, str],
+    overlap_thresh: float = 0.5,
+    title: str | None = None,
+    mask_thresh: float = 0.5,
+) -> Image.Image:
+    """The prediction picture: masks, boxes, score captions, overlapping instances outlined."""
+    scores = output["scores"].tolist()
+    labels = output["labels"].tolist()
+    if len(label_names) > 1:
+        captions = [f"{label_names.get(int(lab), lab)} {s:.2f}" for lab, s in zip(labels, scores)]
+    else:
+        captions = [f"{s:.2f}" for s in scores]
+    masks = output["masks"][:, 0] > mask_thresh
+    overlapping = overlapping_detections(output, overlap_thresh)
+    return draw_instances(image, masks, output["boxes"], captions, overlapping, title=title)
+
+
+def overlap_map_images(output: Mapping[str, torch.Tensor], size: tuple[int, int]) -> dict[str, Image.Image]:
+    """Grey PNG-ready pictures of the four DaCSeg maps, max over detections (black without detections)."""
+    pictures = {}
+    for key in OVERLAP_MAP_KEYS:
+        maps = output[key]
+        probs = maps[:, 0].amax(dim=0) if maps.shape[0] else torch.zeros(size)
+        pictures[key] = Image.fromarray((probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
+    return pictures
+
+
+def write_predictions(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """``predictions.json``: a JSON list, one COCO result object per line."""
+    lines = ",\n".join(json.dumps(r, separators=(", ", ": ")) for r in results)
+    Path(path).write_text(f"[\n{lines}\n]\n" if results else "[]\n")
+
+
+@dataclass
+class PredictionSummary:
+    """What ``predict_files`` did: the ``images.json`` image entries, the failures and the detections kept."""
+
+    images: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    num_detections: int = 0
+    seconds: float = 0.0
+
+
+def predict_files(
+    model: torch.nn.Module,
+    paths: Sequence[Path],
+    output_dir: str | os.PathLike,
+    label_names: Mapping[int, str],
+    label_to_cat_id: Mapping[int, int],
+    device: torch.device | str = "cpu",
+    score_thresh: float = 0.5,
+    overlap_thresh: float = 0.5,
+    mask_thresh: float = 0.5,
+    save_overlap_maps: bool = False,
+) -> PredictionSummary:
+    """Predict every image, write the files listed in the module docstring and print one line per image.
+
+    An unreadable image is reported on stderr and skipped (listed under ``failed``); the others go on.
+    """
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InferenceError(f"cannot create output folder {output_dir}: {exc.strerror or exc}") from exc
+    summary = PredictionSummary()
+    results: list[dict[str, Any]] = []
+    stems = output_stems(paths)
+    progress = tqdm(list(zip(paths, stems)), desc="predict", unit="img", disable=None, file=sys.stderr)
+    for image_id, (path, stem) in enumerate(progress, start=1):
+        try:
+            image = read_image(path)
+        except DatasetError as exc:
+            summary.failed.append({"id": image_id, "file_name": str(path.resolve()), "error": str(exc)})
+            tqdm.write(f"warning: skipped {path}: {exc}", file=sys.stderr)
+            continue
+        output, seconds = predict_image(model, image, device)
+        output = keep_confident(output, score_thresh)
+        overlapping = overlapping_detections(output, overlap_thresh)
+        num, num_overlapping = len(output["scores"]), int(overlapping.sum()) if overlapping is not None else 0
+        results.extend(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
+
+        counts = f"{num} detection{'s' if num != 1 else ''}"
+        if overlapping is not None:
+            counts += f", {num_overlapping} overlapping"
+        picture = overlay(image, output, label_names, overlap_thresh, f"{path.name}: {counts}", mask_thresh)
+        picture.save(output_dir / f"{stem}_pred.png")
+        if save_overlap_maps:
+            for key, grey in overlap_map_images(output, tuple(image.shape[-2:])).items():
+                grey.save(output_dir / f"{stem}_{key}.png")
+
+        height, width = image.shape[-2:]
+        summary.images.append({
+            "id": image_id, "file_name": str(path.resolve()), "width": int(width), "height": int(height), "stem": stem,
+            "num_detections": num, "num_overlapping": num_overlapping, "inference_ms": round(seconds * 1000, 1),
+        })
+        summary.num_detections += num
+        summary.seconds += seconds
+        tqdm.write(f"{path}: {counts}, {seconds * 1000:.0f} ms -> {stem}_pred.png")
+
+    write_predictions(results, output_dir / "predictions.json")
+    categories = [{"id": int(label_to_cat_id[k]), "name": label_names[k]} for k in sorted(label_names)]
+    (output_dir / "images.json").write_text(
+        json.dumps({"images": summary.images, "categories": categories, "failed": summary.failed}, indent=1) + "\n"
+    )
+    return summary

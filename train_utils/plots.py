@@ -1,0 +1,89 @@
+"""Training curves from ``metrics.jsonl`` records: ``loss_and_lr.png`` and ``mAP.png`` (matplotlib, no display)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from matplotlib.figure import Figure  # a bare Figure renders with Agg; pyplot (and a display) is never needed
+
+LOSS_AND_LR_PNG = "loss_and_lr.png"
+MAP_PNG = "mAP.png"
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_and_lr(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Mean training loss per epoch (total bold, each term thin) and the learning rate on a second axis."""
+    records = sorted((r for r in records if r.get("loss") is not None), key=lambda r: r["epoch"])
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    ax.plot(epochs, [r["loss"] for r in records], "o-", color="tab:red", linewidth=2, label="loss (total)")
+    terms = sorted({k for r in records for k in r if k.startswith("loss_")})
+    for term in terms:
+        ax.plot(epochs, [r.get(term) for r in records], linewidth=1, alpha=0.7, label=term)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean training loss")
+    values = [r.get(k) for r in records for k in ["loss", *terms]]
+    if values and all(isinstance(v, (int, float)) and v > 0 for v in values):
+        ax.set_yscale("log")  # the terms differ by orders of magnitude, and so do early and late epochs
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(epochs, [r.get("lr") for r in records], "s--", color="tab:blue", label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize="small", loc="upper right")
+    ax.set_title("Training loss and learning rate")
+    if epochs:
+        ax.set_xticks(_epoch_ticks(epochs))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_map(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """COCO AP and AP50 per evaluated epoch, for boxes and masks."""
+    records = sorted((r for r in records if isinstance(r.get("bbox"), Mapping)), key=lambda r: r["epoch"])
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for iou_type, color in (("bbox", "tab:orange"), ("segm", "tab:green")):
+        rows = [r for r in records if isinstance(r.get(iou_type), Mapping)]
+        if not rows:
+            continue
+        xs = [r["epoch"] for r in rows]
+        ax.plot(xs, [r[iou_type].get("AP") for r in rows], "o-", color=color, label=f"{iou_type} AP@[.5:.95]")
+        ax.plot(xs, [r[iou_type].get("AP50") for r in rows], "^--", color=color, label=f"{iou_type} AP50")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("average precision")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    if records:
+        ax.legend(fontsize="small", loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("Validation mAP")
+    if epochs:
+        ax.set_xticks(_epoch_ticks(epochs))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _epoch_ticks(epochs: Sequence[int], most: int = 15) -> list[int]:
+    """Integer epoch ticks, thinned to at most ``most``."""
+    step = max(1, -(-(max(epochs) - min(epochs) + 1) // most))
+    return list(range(min(epochs), max(epochs) + 1, step))
+
+
+def plot_all(records: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> list[Path]:
+    """Both plots into ``output_dir``."""
+    output_dir = Path(output_dir)
+    return [plot_loss_and_lr(records, output_dir / LOSS_AND_LR_PNG), plot_map(records, output_dir / MAP_PNG)]

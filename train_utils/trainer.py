@@ -1,0 +1,339 @@
+"""The training job behind ``train.py`` and ``train_multi_GPU.py``: one code path for one process or a torchrun job.
+
+Writes into ``--output-dir`` (process 0 only): ``args.json``, ``labels.json``, per epoch ``model_<epoch>.pth`` (the
+last ``--keep-last``), ``best.pth`` (best segm AP), a line in ``det_results.txt`` / ``seg_results.txt`` (see
+``train_utils.results``), a record in ``metrics.jsonl``, and the plots ``loss_and_lr.png`` / ``mAP.png``.
+``--test-only`` writes ``record_mAP.txt`` / ``record_mAP.json`` instead.
+
+Randomness is reseeded at the start of every epoch from ``(seed, epoch, rank)``, and the training order from
+``(seed, epoch)``: a run resumed from ``model_<e>.pth`` repeats the uninterrupted run's epochs ``e + 1 ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from backbone import WeightsError
+from my_dataset_chromosome import ChromosomeDataset, DatasetError, save_label_json
+from network_files import build_model, load_detector_weights, resolve_config
+from train_utils import distributed, engine, plots, results
+from train_utils.args import UserError, model_config_from_args, print_error
+from train_utils.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    config_from_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from train_utils.distributed import DistInfo
+from train_utils.record import format_summary, write_record
+from train_utils.samplers import ShardSampler, train_batch_sampler
+from transforms import get_transform
+
+USER_ERRORS = (UserError, DatasetError, CheckpointError, WeightsError)
+ARGS_JSON = "args.json"
+LABELS_JSON = "labels.json"
+BEST_CHECKPOINT = "best.pth"
+
+
+def lr_factor(epoch: int, scheduler: str, epochs: int, steps: tuple[int, ...], gamma: float) -> float:
+    """The lr of ``epoch`` relative to ``--lr``: cosine from 1 towards 0 over ``epochs``, or ``gamma`` to the number
+    of ``steps`` reached."""
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+    return gamma ** sum(epoch >= step for step in steps)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, start_epoch: int = 0):
+    """Per-epoch ``LambdaLR`` in closed form (``lr_factor``), positioned at ``start_epoch``."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    factor = functools.partial(lr_factor, scheduler=args.lr_scheduler, epochs=args.epochs,
+                               steps=tuple(args.lr_steps), gamma=args.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_epoch - 1)
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.opt == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def seed_everything(seed: int, stream: int, rank: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from ``(seed, stream, rank)``; stream 0 is the model's
+    initialisation, stream ``epoch + 1`` an epoch."""
+    state = int(np.random.SeedSequence([seed, stream, rank]).generate_state(1)[0])
+    random.seed(state)
+    np.random.seed(state)
+    torch.manual_seed(state)
+
+
+def _check_data_path(args: argparse.Namespace) -> Path:
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise UserError(f"--data-path {root}: no such directory")
+    return root
+
+
+def load_datasets(args: argparse.Namespace) -> tuple[ChromosomeDataset | None, ChromosomeDataset]:
+    """The training (None with ``--test-only``) and validation datasets; their categories must agree."""
+    root = _check_data_path(args)
+    val_ds = ChromosomeDataset(root, split=args.val_split, transforms=get_transform("none", train=False),
+                               min_overlap_area=args.min_overlap_area)
+    if args.test_only:
+        return None, val_ds
+    train_ds = ChromosomeDataset(
+        root, split=args.train_split,
+        transforms=get_transform(args.data_augmentation, train=True, invert_prob=args.invert_prob),
+        min_overlap_area=args.min_overlap_area,
+    )
+    if train_ds.label_names != val_ds.label_names or train_ds.label_to_cat_id != val_ds.label_to_cat_id:
+        raise UserError(f"categories differ between {train_ds.ann_file} and {val_ds.ann_file}")
+    if len(train_ds) == 0:
+        raise UserError(f"{train_ds.ann_file} has no images to train on")
+    return train_ds, val_ds
+
+
+def _label_maps(dataset: ChromosomeDataset, checkpoint: dict[str, Any] | None, where: str) -> None:
+    """A checkpoint's classes must be the dataset's."""
+    if checkpoint is None or "label_to_cat_id" not in checkpoint:
+        return
+    ckpt_labels = {int(k): int(v) for k, v in checkpoint["label_to_cat_id"].items()}
+    if ckpt_labels != dataset.label_to_cat_id:
+        raise UserError(f"{where} was trained on categories {ckpt_labels} (label: COCO id) but {dataset.ann_file} "
+                        f"has {dataset.label_to_cat_id}")
+
+
+def build(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any] | None, log) -> tuple[Any, Any]:
+    """The model (weights from the checkpoint, or ``--pretrained`` / ``--pretrained-backbone``) and its config."""
+    if checkpoint is not None:
+        config = config_from_checkpoint(checkpoint, args.resume)
+        if config.num_classes != num_classes:
+            raise UserError(f"{args.resume} has {config.num_classes} classes but the data has {num_classes}")
+        model = build_model(config)
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{args.resume}: weights do not fit a {config.name} model: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        return model, config
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise UserError(f"--num-classes {args.num_classes} but the data has {num_classes} categories")
+    pretrained = bool(args.pretrained or args.pretrained_backbone)
+    config = resolve_config(model_config_from_args(args, num_classes), pretrained=pretrained)
+    model = build_model(config, pretrained_backbone=args.pretrained_backbone)
+    if config.loss_weights and not hasattr(model, "loss_weights"):  # the model weighs its own losses, or cannot
+        raise UserError(f"--loss-weights: a {config.name} model does not apply loss weights; use --model dacseg")
+    if args.pretrained:
+        log(str(load_detector_weights(model, args.pretrained)))
+    return model, config
+
+
+def _loader(dataset, batch_sampler=None, sampler=None, workers: int = 0, device=None) -> DataLoader:
+    kwargs: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
+        "batch_size": 1, "sampler": sampler}
+    return DataLoader(dataset, num_workers=workers, collate_fn=engine.collate_fn,
+                      pin_memory=device is not None and device.type == "cuda", **kwargs)
+
+
+def _strip_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without the printed summary lines (the numbers are there already)."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "summary_lines"} if isinstance(v, dict) else v)
+            for k, v in record.items()}
+
+
+def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
+    """Train (or evaluate with ``--test-only``); raises the project's errors."""
+
+    def log(message: str) -> None:
+        if info.is_main:
+            print(message, flush=True)
+
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    start_epoch = int(checkpoint["epoch"]) + 1 if checkpoint is not None else 0
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if not args.test_only and start_epoch >= args.epochs:
+        raise UserError(f"--epochs {args.epochs}: nothing left to train from epoch {start_epoch}; ask for more epochs")
+    train_ds, val_ds = load_datasets(args)
+    _label_maps(val_ds, checkpoint, args.resume)
+    if args.seed is None:  # one seed for all processes, kept across resumes
+        ckpt_seed = (checkpoint or {}).get("args", {}).get("seed")
+        args.seed = ckpt_seed if ckpt_seed is not None else distributed.broadcast_object(
+            int.from_bytes(os.urandom(4), "little"))
+    seed_everything(args.seed, 0, info.rank)
+
+    model, config = build(args, val_ds.num_classes, checkpoint, log)
+    model.to(device)
+    amp_dtype = engine.amp_dtype_from_name(args.amp_dtype) if args.amp else None
+    output_dir = Path(args.output_dir)
+    val_loader = _loader(val_ds, sampler=ShardSampler(len(val_ds), info.world_size, info.rank),
+                         workers=args.workers, device=device)
+    evaluate = functools.partial(
+        engine.evaluate, data_loader=val_loader, device=device, coco_gt=val_ds.coco,
+        label_to_cat_id=val_ds.label_to_cat_id, score_thresh=args.score_thresh, label_names=val_ds.label_names,
+        amp_dtype=amp_dtype, mask_threshold=args.mask_thresh, min_overlap_area=config.min_overlap_area,
+        show_progress=info.is_main,
+    )
+
+    if args.test_only:
+        record = evaluate(model)
+        if info.is_main:
+            txt, _ = write_record(record, output_dir)
+            log(f"{format_summary(record)}\nrecord written to {txt}")
+        return
+
+    if args.sync_bn and info.distributed:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs (torch synchronises batch norm on CUDA devices only)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(model_without_ddp, args)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    best_ap = None
+    if checkpoint is not None:
+        try:
+            best_ap = resume_training_state(checkpoint, optimizer, scaler)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{args.resume}: cannot resume its optimizer state with --opt {args.opt}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        log(f"resumed from {args.resume} (epoch {checkpoint['epoch']}); continuing at epoch {start_epoch}")
+    # the schedule is closed-form in the epoch, so placing it at start_epoch equals loading its saved state
+    lr_scheduler = make_lr_scheduler(optimizer, args, start_epoch)
+
+    train_loader = _loader(
+        train_ds,
+        batch_sampler=train_batch_sampler(len(train_ds), train_ds.aspect_ratios(), args.batch_size,
+                                          args.aspect_ratio_group_factor, info.world_size, info.rank, args.seed),
+        workers=args.workers, device=device,
+    )
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / ARGS_JSON).write_text(json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
+        save_label_json(val_ds.label_names, output_dir / LABELS_JSON)
+        log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
+            f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "
+            f"output in {output_dir}")
+
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.batch_sampler.set_epoch(epoch)
+        seed_everything(args.seed, epoch + 1, info.rank)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = engine.train_one_epoch(
+            model, optimizer, train_loader, device, epoch, scaler=scaler, amp_dtype=amp_dtype,
+            warmup_iters=min(args.warmup_iters, len(train_loader) - 1) if epoch == 0 else 0,
+            warmup_start_factor=args.warmup_factor, clip_grad_norm=args.clip_grad_norm,
+            print_freq=args.print_freq, show_progress=info.is_main,
+        )
+        lr_scheduler.step()
+        record = None
+        if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
+            eval_start = time.perf_counter()
+            record = evaluate(model_without_ddp)
+            stats["eval_time_s"] = time.perf_counter() - eval_start
+        segm_ap = record["segm"]["AP"] if record and record.get("segm") else None
+        improved = segm_ap is not None and (best_ap is None or segm_ap > best_ap)
+        if improved:
+            best_ap = segm_ap
+        if info.is_main:
+            _write_epoch(output_dir, epoch, lr, stats, record)
+            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, config, val_ds,
+                                     best_ap)
+            save_checkpoint(state, output_dir / f"model_{epoch}.pth")
+            if improved:
+                save_checkpoint(state, output_dir / BEST_CHECKPOINT)
+            prune_checkpoints(output_dir, args.keep_last)
+            plots.plot_all(results.read_jsonl(output_dir / results.METRICS_JSONL), output_dir)
+            summary = f"  |  {format_summary(record)}" if record else ""
+            log(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {lr:.6f}  {stats['images_per_s']:.1f} img/s  "
+                f"{stats['epoch_time_s']:.0f} s{summary}")
+
+
+def resume_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,
+                          scaler: torch.amp.GradScaler | None) -> float | None:
+    """Load the optimizer (with the run's base lr, ``initial_lr``), scaler and RNG states; returns the best segm AP."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    # CUDA states are left out: their number depends on the machine, and every epoch reseeds all devices
+    restore_rng_state({k: v for k, v in checkpoint["rng_state"].items() if k != "cuda"})
+    return checkpoint.get("best_segm_ap")
+
+
+def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: argparse.Namespace, config,
+                     dataset: ChromosomeDataset, best_segm_ap: float | None) -> dict[str, Any]:
+    """What ``model_<epoch>.pth`` holds (the SPEC's checkpoint format; ``weights_only``-loadable)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "args": dict(vars(args)),
+        "model_config": config.to_dict(),
+        "label_names": dict(dataset.label_names),
+        "label_to_cat_id": dict(dataset.label_to_cat_id),
+        "rng_state": capture_rng_state(),
+        "best_segm_ap": best_segm_ap,
+    }
+
+
+def _write_epoch(output_dir: Path, epoch: int, lr: float, stats: dict[str, float], record: dict | None) -> None:
+    """The epoch's lines in det/seg_results.txt (when evaluated) and its metrics.jsonl record."""
+    if record is not None:
+        for iou_type, name in (("bbox", results.DET_RESULTS), ("segm", results.SEG_RESULTS)):
+            if record.get(iou_type):
+                line = results.format_epoch_line(epoch, record[iou_type]["stats"], stats["loss"], lr)
+                results.write_epoch_line(output_dir / name, epoch, line)
+    results.append_jsonl(output_dir / results.METRICS_JSONL,
+                         {"epoch": epoch, "lr": lr, **stats, **_strip_record(record or {})})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the job; returns the exit status (2: a user error, 1: training failed). Project errors are printed as
+    one line; in a distributed job a failing process prints its rank and reason and exits at once."""
+    try:
+        info, device = distributed.init_distributed(args.device, args.dist_timeout)
+    except ValueError as exc:
+        print_error(exc)
+        return 2
+    prefix = f"[rank {info.rank}] " if info.distributed else ""
+    code = 0
+    try:
+        run(args, info, device)
+    except USER_ERRORS as exc:
+        print_error(f"{prefix}{exc}")
+        code = 2
+    except engine.NonFiniteLossError as exc:
+        print_error(f"{prefix}{exc}")
+        code = 1
+    except KeyboardInterrupt:
+        print_error(f"{prefix}interrupted")
+        code = 130
+    except Exception as exc:
+        if not info.distributed:
+            raise
+        traceback.print_exc()  # the others stop too: torchrun ends them, or their next collective fails or times out
+        print_error(f"{prefix}failed: {type(exc).__name__}: {exc}")
+        code = 1
+    finally:
+        distributed.shutdown(code)
+    return code

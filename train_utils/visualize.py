@@ -1,0 +1,184 @@
+"""Pictures of instances: coloured masks, boxes, captions, and a distinct outline on overlapping instances.
+
+Drawing is done by ``torchvision.utils.draw_segmentation_masks`` / ``draw_bounding_boxes``; this module only picks
+colours that keep neighbouring chromosomes apart, sizes lines and text to the image, and computes the outline of
+overlapping instances (the mask's max-pool dilation minus the mask).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import box_iou, masks_to_boxes
+from torchvision.transforms.v2.functional import to_dtype, to_pil_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+# Bright, well-separated colours with no reds or magentas: those are kept for the overlap outline.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (255, 176, 0), (0, 200, 255), (124, 255, 0), (138, 92, 255), (0, 230, 160), (255, 230, 0), (61, 123, 255),
+    (255, 140, 26), (0, 163, 163), (199, 125, 255), (47, 191, 47), (179, 134, 0), (102, 217, 255), (181, 230, 29),
+    (0, 80, 200), (224, 160, 96), (0, 144, 96), (160, 160, 255), (107, 63, 160), (212, 255, 128),
+)
+OVERLAP_COLOR = (255, 0, 40)
+FONT_PATH = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
+
+
+def draw_instances(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    boxes: torch.Tensor | None = None,
+    captions: Sequence[str] | None = None,
+    overlapping: torch.Tensor | None = None,
+    *,
+    title: str | None = None,
+    alpha: float = 0.45,
+    min_side: int = 512,
+) -> Image.Image:
+    """Draw N instances on an image and return it as a PIL RGB image.
+
+    Args:
+        image: ``[3, H, W]`` (or ``[1, H, W]`` / ``[H, W]`` grey), float in 0..1 or uint8.
+        masks: ``[N, H, W]`` bool (``[N, 1, H, W]`` or probabilities are accepted: > 0.5).
+        boxes: ``[N, 4]`` XYXY in pixels, drawn in the instance's colour; None draws no boxes.
+        captions: N strings written at the top-left of each box (of the mask's box when ``boxes`` is None).
+        overlapping: ``[N]`` bool; these instances get a thick outline in ``OVERLAP_COLOR``.
+        title: a line written in a strip above the image (with a legend for the outline when any overlap).
+        alpha: mask opacity; low enough that the banding stays visible.
+        min_side: images whose longer side is below this are enlarged by an integer factor (nearest neighbour)
+            so that lines and captions stay readable; 0 keeps the input size.
+
+    Colours are deterministic: each instance takes the palette colour least used among its neighbours (boxes
+    within a small margin), so touching chromosomes never share a colour while the palette lasts.
+    """
+    canvas = _to_uint8_rgb(image)
+    height, width = canvas.shape[-2:]
+    masks = _as_bool_masks(masks, height, width)
+    num = masks.shape[0]
+    for name, value in (("boxes", boxes), ("captions", captions), ("overlapping", overlapping)):
+        if value is not None and len(value) != num:
+            raise ValueError(f"draw_instances: {num} masks but {len(value)} {name}")
+
+    scale = math.ceil(min_side / max(height, width)) if max(height, width) < min_side else 1
+    if scale > 1:
+        canvas = canvas.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    long_side = max(height, width) * scale
+    line_width = max(1, round(long_side / 700))
+    font_size = min(20, max(10, round(long_side / 70)))
+
+    if boxes is not None:
+        boxes = boxes.detach().float().cpu().reshape(-1, 4) * scale
+    placement = boxes if boxes is not None else _mask_boxes(masks)
+    colors = instance_colors(placement, margin=long_side / 40)
+
+    if num:
+        canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colors)
+    if overlapping is not None and bool(overlapping.any()):
+        ring = overlap_outline(masks[overlapping.detach().cpu().bool()], radius=line_width + 1)
+        canvas = draw_segmentation_masks(canvas, ring, alpha=1.0, colors=OVERLAP_COLOR)
+    if num and (boxes is not None or captions is not None):
+        canvas = draw_bounding_boxes(
+            canvas,
+            placement,
+            labels=list(captions) if captions is not None else None,
+            colors=colors,
+            width=line_width if boxes is not None else 0,  # width 0: captions only, no rectangle
+            font=str(FONT_PATH) if FONT_PATH.is_file() else None,
+            font_size=font_size if FONT_PATH.is_file() else None,
+            fill_labels=True,
+            label_colors=[_text_color(c) for c in colors],
+        )
+    picture = to_pil_image(canvas)
+    if title is not None:
+        picture = _add_title(picture, title, font_size, show_legend=overlapping is not None and bool(overlapping.any()))
+    return picture
+
+
+def instance_colors(boxes: torch.Tensor, margin: float = 10.0) -> list[tuple[int, int, int]]:
+    """One palette colour per box: greedily the colour least used by already coloured neighbours, then overall."""
+    num = boxes.shape[0]
+    if num == 0:
+        return []
+    grown = boxes.float() + torch.tensor([-margin, -margin, margin, margin])
+    neighbours = box_iou(grown, grown) > 0
+    chosen: list[int] = []
+    usage = [0] * len(PALETTE)
+    for i in range(num):
+        clash = [0] * len(PALETTE)
+        for j, c in enumerate(chosen):
+            if neighbours[i, j]:
+                clash[c] += 1
+        best = min(range(len(PALETTE)), key=lambda c: (clash[c], usage[c], c))
+        chosen.append(best)
+        usage[best] += 1
+    return [PALETTE[c] for c in chosen]
+
+
+def overlap_outline(masks: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """``[1, H, W]`` bool: union of each mask's outer contour, ``radius`` px wide (max-pool dilation minus the mask),
+    so the instance's own colour and banding stay visible inside."""
+    if masks.shape[0] == 0:
+        return torch.zeros((1, *masks.shape[-2:]), dtype=torch.bool)
+    dilated = F.max_pool2d(masks[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+    return (dilated & ~masks).any(dim=0, keepdim=True)
+
+
+def _to_uint8_rgb(image: torch.Tensor) -> torch.Tensor:
+    image = image.detach().cpu()
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"draw_instances: image must be [3, H, W], [1, H, W] or [H, W], got {list(image.shape)}")
+    image = image[:3] if image.shape[0] != 1 else image.expand(3, -1, -1)
+    if image.dtype != torch.uint8:
+        image = to_dtype(image.float().clamp(0, 1), torch.uint8, scale=True)
+    return image.contiguous()
+
+
+def _as_bool_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    masks = masks.detach().cpu()
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim == 2 and masks.numel() == 0:
+        masks = masks.reshape(0, height, width)
+    if masks.ndim != 3 or masks.shape[-2:] != (height, width):
+        raise ValueError(f"draw_instances: masks must be [N, {height}, {width}], got {list(masks.shape)}")
+    return masks if masks.dtype == torch.bool else masks > 0.5
+
+
+def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY box of each mask; an empty mask gets a zero box."""
+    boxes = torch.zeros((masks.shape[0], 4))
+    present = masks.flatten(1).any(dim=1)
+    if present.any():
+        boxes[present] = masks_to_boxes(masks[present])
+    return boxes
+
+
+def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+
+
+def _add_title(picture: Image.Image, title: str, font_size: int, show_legend: bool) -> Image.Image:
+    """A dark strip above the picture with the title, and on the right the overlap-outline legend."""
+    font = ImageFont.truetype(str(FONT_PATH), font_size) if FONT_PATH.is_file() else ImageFont.load_default()
+    strip = round(font_size * 1.8)
+    framed = Image.new("RGB", (picture.width, picture.height + strip), (24, 24, 24))
+    framed.paste(picture, (0, strip))
+    draw = ImageDraw.Draw(framed)
+    pad = (strip - font_size) // 2
+    draw.text((pad, pad), title, fill=(255, 255, 255), font=font)
+    if show_legend:
+        legend = "overlapping"
+        text_width = draw.textlength(legend, font=font)
+        x = picture.width - pad - text_width
+        draw.text((x, pad), legend, fill=(255, 255, 255), font=font)
+        side = font_size
+        draw.rectangle((x - pad - side, pad, x - pad, pad + side), outline=OVERLAP_COLOR, width=max(2, side // 6))
+    return framed
