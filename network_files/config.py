@@ -9,6 +9,7 @@ MODEL_NAMES = ("maskrcnn", "dacseg")
 BACKBONE_NAMES = ("resnet50", "resnet101", "resnext101_32x8d")
 NORM_LAYERS = ("bn", "frozen_bn")
 OVERLAP_CLS_HEADS = ("fc", "conv")
+MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 DACSEG_LOSS_NAMES = (
     "loss_overlap_cls",
     "loss_overlap",
@@ -64,11 +65,12 @@ class ModelConfig:
             raise ValueError(
                 f"unknown overlap classifier head {self.overlap_cls_head!r}; choose one of {', '.join(OVERLAP_CLS_HEADS)}"
             )
-        unknown = set(self.loss_weights) - set(DACSEG_LOSS_NAMES) - {
-            "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"
-        }
+        known = MASKRCNN_LOSS_NAMES + (DACSEG_LOSS_NAMES if self.name == "dacseg" else ())
+        unknown = sorted(set(self.loss_weights) - set(known))
         if unknown:
-            raise ValueError(f"unknown loss name(s) in loss_weights: {', '.join(sorted(unknown))}")
+            only_dacseg = " (DaCSeg's terms need --model dacseg)" if set(unknown) & set(DACSEG_LOSS_NAMES) else ""
+            raise ValueError(f"no loss term named {', '.join(unknown)} in a {self.name} model{only_dacseg}; "
+                             f"known: {', '.join(known)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/``weights_only``-safe dict."""

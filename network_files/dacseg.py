@@ -30,9 +30,8 @@ from torchvision.models.detection.roi_heads import (
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .config import DACSEG_LOSS_NAMES, ModelConfig
+from .config import DACSEG_LOSS_NAMES, MASKRCNN_LOSS_NAMES, ModelConfig
 
-MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
 # inference keys of the auxiliary maps, in the order of ``DaCSegLogits`` fields 1..4
 OVERLAP_MAP_KEYS = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
@@ -380,19 +379,12 @@ class DaCSegTransform(GeneralizedRCNNTransform):
         return result
 
 
-def weight_losses(model: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook: scale each training loss by ``model.loss_weights`` (names not listed weigh 1)."""
-    if not model.training or not isinstance(output, dict):
-        return output
-    return {name: loss * model.loss_weights.get(name, 1.0) for name, loss in output.items()}
-
-
 def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
     """Turn a torchvision Mask R-CNN into DaCSeg in place and return it.
 
     Keeps the backbone, RPN, box branch and mask RoIAlign/head/predictor (so Mask R-CNN weights load into it), adds
-    the overlap classifier (``config.overlap_cls_head``) and the bilayer head, swaps the transform for
-    ``DaCSegTransform`` and registers a forward hook that applies ``config.loss_weights`` (``model.loss_weights``).
+    the overlap classifier (``config.overlap_cls_head``) and the bilayer head, and swaps the transform for
+    ``DaCSegTransform``. (``build_model`` applies ``config.loss_weights`` to every model.)
     """
     roi_heads = model.roi_heads
     if isinstance(roi_heads, DaCSegRoIHeads):
@@ -428,6 +420,4 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
         fixed_size=transform.fixed_size,
         _skip_resize=transform._skip_resize,
     )
-    model.loss_weights = {name: float(config.loss_weights.get(name, 1.0)) for name in LOSS_NAMES}
-    model.register_forward_hook(weight_losses)
     return model

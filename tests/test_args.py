@@ -39,7 +39,7 @@ def test_defaults_are_the_reference_setup():
     assert args.model == "maskrcnn" and args.num_classes is None
     assert args.pretrained is None and args.pretrained_backbone is None  # from scratch unless weights are given
     assert args.trainable_backbone_layers is None and args.norm_layer is None  # resolve_config decides
-    assert args.amp is False and args.amp_dtype == "float16"
+    assert args.amp is None and args.amp_dtype == "float16"  # None: on for CUDA, off on the CPU
     assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert args.output_dir == "./save_weights" and args.keep_last == 3
     assert args.test_only is False and args.sync_bn is False and args.resume is None
@@ -52,6 +52,7 @@ def test_every_option_has_a_help_phrase():
 
 def test_booleans_are_real_switches(capsys):
     assert parse_args(DATA + ["--amp", "--test-only", "--resume", "x.pth", "--sync-bn"]).amp is True
+    assert parse_args(DATA + ["--no-amp"]).amp is False
     for action in get_args_parser()._actions:
         if isinstance(action.default, bool):
             assert isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)), action.dest

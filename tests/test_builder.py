@@ -250,3 +250,25 @@ def test_config_round_trip_rebuilds_the_same_model():
         n for n, p in second.named_parameters() if p.requires_grad
     }
     second.load_state_dict(first.state_dict())  # strict: a checkpoint of one loads into the other
+
+
+def test_loss_weights_scale_mask_rcnn_terms(scratch_model):
+    image = torch.rand(3, 128, 160)
+    target = {"boxes": torch.tensor([[20.0, 30.0, 90.0, 70.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 128, 160, dtype=torch.uint8)}
+    target["masks"][0, 30:70, 20:90] = 1
+    weighted = build_model(ModelConfig(**TINY, loss_weights={"loss_mask": 0.0, "loss_objectness": 3.0}))
+    weighted.load_state_dict(scratch_model.state_dict())
+    scratch_model.train(), weighted.train()
+    torch.manual_seed(1)
+    plain = scratch_model([image], [target])
+    torch.manual_seed(1)
+    scaled = weighted([image], [target])
+    assert plain["loss_mask"] > 0 and scaled["loss_mask"] == 0
+    assert torch.allclose(scaled["loss_objectness"], 3 * plain["loss_objectness"])
+    assert torch.allclose(scaled["loss_classifier"], plain["loss_classifier"])
+
+
+def test_dacseg_loss_weights_are_refused_for_mask_rcnn():
+    with pytest.raises(ValueError, match="loss_overlap.*--model dacseg"):
+        ModelConfig(loss_weights={"loss_overlap": 2.0})

@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(run_two_epochs, tiny_coc
     ("empty", "instances_val.json"),
     ("classes", "--num-classes 3"),
     ("checkpoint", "checkpoint not found"),
-    ("weights", "--loss-weights"),  # plain Mask R-CNN does not weigh its losses (yet): say so, don't ignore them
+    ("weights", "loss_overlap"),  # a DaCSeg term weighted in a plain Mask R-CNN: say so, don't ignore it
 ])
 def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys, setup, expected):
     data, extra = tiny_coco, []
@@ -151,7 +151,7 @@ def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys, setup, expected):
     elif setup == "classes":
         extra = ["--num-classes", "3"]
     elif setup == "weights":
-        extra = ["--loss-weights", "loss_mask=2"]
+        extra = ["--loss-weights", "loss_overlap=2"]
     else:
         extra = ["--resume", str(tmp_path / "none.pth")]
     assert train.main(tiny_args(data, tmp_path / "out", *extra)) == 2

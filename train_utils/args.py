@@ -14,11 +14,10 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from network_files.config import BACKBONE_NAMES, DACSEG_LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS
-from network_files.config import ModelConfig
+from network_files.config import BACKBONE_NAMES, DACSEG_LOSS_NAMES, MASKRCNN_LOSS_NAMES, MODEL_NAMES, NORM_LAYERS
+from network_files.config import OVERLAP_CLS_HEADS, ModelConfig
 from transforms import PRESETS
 
-MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
 _MODEL_DEFAULTS = ModelConfig()
 
@@ -200,8 +199,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="lr factor at the first warmup iteration (default: %(default)s)")
     group.add_argument("--clip-grad-norm", type=_number(float, 0.0, low_open=True), default=None, metavar="NORM",
                        help="clip the gradient norm to NORM (default: no clipping)")
-    group.add_argument("--amp", action="store_true",
-                       help="mixed precision (autocast; a gradient scaler with float16)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision (autocast; a gradient scaler with float16) (default: on for CUDA, "
+                            "off on the CPU)")
     group.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
                        help="autocast dtype with --amp (default: %(default)s)")
     group.add_argument("--data-augmentation", choices=PRESETS, default="flip",

@@ -137,8 +137,6 @@ def build(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any]
     pretrained = bool(args.pretrained or args.pretrained_backbone)
     config = resolve_config(model_config_from_args(args, num_classes), pretrained=pretrained)
     model = build_model(config, pretrained_backbone=args.pretrained_backbone)
-    if config.loss_weights and not hasattr(model, "loss_weights"):  # the model weighs its own losses, or cannot
-        raise UserError(f"--loss-weights: a {config.name} model does not apply loss weights; use --model dacseg")
     if args.pretrained:
         log(str(load_detector_weights(model, args.pretrained)))
     return model, config
@@ -180,6 +178,8 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
 
     model, config = build(args, val_ds.num_classes, checkpoint, log)
     model.to(device)
+    if args.amp is None:  # the reference setup trains with AMP; on the CPU float16 autocast is far slower
+        args.amp = device.type == "cuda"
     amp_dtype = engine.amp_dtype_from_name(args.amp_dtype) if args.amp else None
     output_dir = Path(args.output_dir)
     val_loader = _loader(val_ds, sampler=ShardSampler(len(val_ds), info.world_size, info.rank),
