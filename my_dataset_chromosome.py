@@ -160,13 +160,18 @@ def overlapping_from_rles(rles: list[dict[str, Any]], min_area: float = 20.0) ->
     return flags
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a malformed or unreadable one raises ``DatasetError`` naming it."""
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DatasetError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read {path}: {_one_line(exc)}") from None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    doc = read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DatasetError(f"{path} is not a COCO annotation file (no \"images\" list)")
     for key in ("annotations", "categories"):

@@ -19,7 +19,6 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from my_dataset_chromosome import DatasetError, overlapping_from_rles  # noqa: E402
+from my_dataset_chromosome import DatasetError, overlapping_from_rles, read_json  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
 
 IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
@@ -224,12 +223,7 @@ def expand_inputs(inputs: Sequence[str | Path], pattern: str = "*.json") -> list
 
 
 def _read_labelme(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    doc = read_json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
         raise DatasetError(f"{path} is not a labelme file (no \"shapes\" list)")
     return doc
