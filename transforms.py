@@ -13,8 +13,9 @@ samples of ``my_dataset_chromosome.ChromosomeDataset``:
 ``invert_prob`` (any training preset) inverts grey levels with that probability, turning Q-band (bright on dark) into
 a G-band look-alike (dark on white) and back; 0 disables it.
 
-No preset resizes the image for the model; the model's own transform does that. After the geometric steps the
-boxes are recomputed as the tight box of each mask (pixel-edge convention, as the dataset does), ``area`` becomes
+No preset resizes the image for the model; the model's own transform does that. Flips move boxes exactly, so the
+flip-only presets keep the dataset's boxes and areas. After rotations and scaling (``chromosome``) the boxes are
+recomputed as the tight box of each mask (pixel-edge convention, as the dataset does), ``area`` becomes
 the mask's pixel count, and instances whose mask became empty are dropped together with their ``labels``,
 ``area``, ``iscrowd`` and ``overlapping`` entries. With ``train=False`` the transform only makes sure of the dtypes
 (float32 image in 0..1, uint8 masks, float32 boxes).
@@ -55,7 +56,7 @@ def tighten_instances(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str
     """Recompute boxes and areas from the masks and drop the instances whose mask became empty."""
     target = dict(target)
     masks = target["masks"]
-    keep = masks.flatten(1).bool().any(1)
+    keep = masks.flatten(1).amax(1) > 0  # amax: many times faster than any() / sum() on uint8 masks
     for key in PER_INSTANCE_KEYS:
         if key in target and key not in ("boxes", "masks"):
             target[key] = target[key][keep]
@@ -64,7 +65,7 @@ def tighten_instances(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str
     target["boxes"] = tv_tensors.BoundingBoxes(boxes_from_masks(masks), format="XYXY",
                                                canvas_size=tuple(masks.shape[-2:]))
     if "area" in target:
-        target["area"] = masks.flatten(1).sum(1).to(torch.float32)
+        target["area"] = masks.sum(2, dtype=torch.int32).sum(1).to(torch.float32)
     return image, target
 
 
@@ -107,6 +108,6 @@ def get_transform(preset: str, train: bool, *, invert_prob: float = 0.0) -> Call
     if invert_prob > 0:
         photometric.append(v2.RandomInvert(invert_prob))
     steps: list[Callable] = [v2.ToImage(), _dtypes(), *geometric]
-    if geometric:
+    if preset == "chromosome":  # flips are exact on boxes; rotation and scaling are not
         steps.append(tighten_instances)
     return v2.Compose(steps + photometric)

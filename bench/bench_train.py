@@ -3,14 +3,15 @@
 Measures, for one model (or ours and stock torchvision's with ``--compare-stock``):
 
 * training: ``--steps`` steps of the real training step (``train_utils.engine.train_one_epoch``, AMP with a gradient
-  scaler, SGD, the lr warmup of a first epoch) after ``--warmup-steps`` untimed ones, fed by the training
+  scaler, SGD with train.py's lr warmup) after ``--warmup-steps`` untimed ones, fed by the training
   DataLoader of ``train.py`` (aspect-ratio grouping sampler, ``collate_fn``, the ``flip`` augmentation, ``-j``
   worker processes; a new pass over the data starts when one runs out, workers restarting as in training).
   Prints steps/s, images/s, the share of the time spent waiting for the next batch (data loading the step did not
   hide), the peak GPU memory on CUDA, and images/s relative to the reference;
 * inference: ``model.eval()`` without gradients over the val split (``--synthetic``: over the N synthetic images)
   through ``train_utils.engine.iter_predictions`` (outputs copied to the CPU, as evaluation does), with batch 1
-  and batch 4, after a few untimed batches.
+  and batch 4, after a few untimed batches. It also prints the detections per image: pasting the masks of each
+  detection is a good part of inference, and a barely trained model keeps up to 100 low-scoring ones.
 
 Reference: stock torchvision ``maskrcnn_resnet50_fpn`` trained from scratch on the 109 BioImLab train images
 (768x576) with AMP, batch 4, SGD lr 0.02 and a cosine schedule ran 121 epochs in 6.5 minutes on one H100:
@@ -89,6 +90,7 @@ class TrainResult:
 class InferenceResult:
     batch_size: int
     images: int
+    detections: int
     seconds: float
     peak_gib: float | None
 
@@ -188,7 +190,10 @@ def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dat
     seed_everything(train_args.seed, 1, 0)
     stats = engine.train_one_epoch(
         model, optimizer, batches, device, 0, scaler=scaler, amp_dtype=amp_dtype,
-        warmup_iters=min(train_args.warmup_iters, len(batches) - 1),  # a first epoch's lr warmup, as trainer.run
+        # train.py's lr warmup (--warmup-iters 1000) not cut to this short run: ramping to lr 0.02 within a few
+        # steps makes a model trained from scratch diverge (a non-finite loss would end the benchmark), and the lr
+        # does not change the work a step does
+        warmup_iters=train_args.warmup_iters,
         warmup_start_factor=train_args.warmup_factor, clip_grad_norm=train_args.clip_grad_norm,
         print_freq=train_args.print_freq, show_progress=False,
     )
@@ -206,9 +211,12 @@ def measure_inference(model: torch.nn.Module, dataset: ChromosomeDataset, batch_
     _synchronize(device)
     _reset_peak_memory(device)
     start = time.perf_counter()
-    images = sum(len(ids) for _, ids in engine.iter_predictions(model, loader, device, amp_dtype))
+    images = detections = 0
+    for outputs, ids in engine.iter_predictions(model, loader, device, amp_dtype):
+        images += len(ids)
+        detections += sum(len(output["scores"]) for output in outputs)
     _synchronize(device)
-    return InferenceResult(batch_size, images, time.perf_counter() - start, _peak_gib(device))
+    return InferenceResult(batch_size, images, detections, time.perf_counter() - start, _peak_gib(device))
 
 
 def _memory(peak_gib: float | None) -> str:
@@ -226,7 +234,8 @@ def format_train(name: str, result: TrainResult, train_args: argparse.Namespace)
 
 def format_inference(name: str, result: InferenceResult) -> str:
     return (f"infer {name:<8} b{result.batch_size}: {result.images / result.seconds:.2f} img/s"
-            f"{_memory(result.peak_gib)}  ({result.images} images, {result.seconds:.1f} s)")
+            f"{_memory(result.peak_gib)}  {result.detections / result.images:.1f} detections/img  "
+            f"({result.images} images, {result.seconds:.1f} s)")
 
 
 def benchmark(name: str, args: argparse.Namespace, train_ds: ChromosomeDataset,
