@@ -259,3 +259,122 @@ def test_image_ids_restrict_the_evaluation():
     assert record["num_images"] == 1 and record["recall"] == 1.0 and record["segm"]["AP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="outside the evaluated images: 1"):
         evaluate_results(coco, [det(1, *A, 0.9)], image_ids=[2])
+
+
+def random_case(seed: int, size: int = 160) -> tuple[COCO, list[dict]]:
+    """Rectangles of all area ranges on several images and 2 categories, with crowd and ``ignore`` ground truth,
+    duplicate ground truth and detections, jittered copies, ties in score, false positives, one image with more
+    than 100 detections, and images without ground truth or without detections."""
+    rng = np.random.default_rng(seed)
+
+    def box():
+        w, h = (int(v) for v in rng.choice([4, 12, 30, 50, 100, 130], size=2) + rng.integers(0, 8, size=2))
+        return int(rng.integers(0, size - w)), int(rng.integers(0, size - h)), w, h
+
+    def rle(x, y, w, h):
+        mask = np.zeros((size, size), np.uint8)
+        mask[y:y + h, x:x + w] = 1
+        out = mask_utils.encode(np.asfortranarray(mask))
+        return {"size": out["size"], "counts": out["counts"].decode("ascii")}
+
+    images, anns, results = [], [], []
+    for image_id in range(1, 8):
+        images.append({"id": image_id, "width": size, "height": size, "file_name": f"{image_id}.png"})
+        boxes = [] if image_id == 2 else [box() for _ in range(int(rng.integers(1, 10)))]
+        boxes += boxes[:1]  # a duplicate ground truth: IoU ties between two of them
+        if image_id == 1:
+            boxes += [(2, 2, 10, 10), (20, 20, 50, 50), (30, 30, 120, 120)]  # small, medium, large for sure
+        for x, y, w, h in boxes:
+            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 3)),
+                   "iscrowd": int(rng.random() < 0.15), "bbox": [x, y, w, h], "area": w * h,
+                   "segmentation": rle(x, y, w, h)}
+            if rng.random() < 0.15:
+                ann["ignore"] = 1
+            anns.append(ann)
+            if image_id == 3:
+                continue
+            for _ in range(int(rng.integers(0, 4))):  # jittered copies, the odd one in the wrong category
+                dx, dy, dw, dh = (int(v) for v in rng.integers(-3, 4, size=4))
+                jx, jy = min(max(x + dx, 0), size - 2), min(max(y + dy, 0), size - 2)
+                jw, jh = max(1, min(w + dw, size - jx)), max(1, min(h + dh, size - jy))
+                cat = ann["category_id"] if rng.random() < 0.9 else 3 - ann["category_id"]
+                results.append(det(image_id, jx, jy, jw, jh, 0, cat) | {"segmentation": rle(jx, jy, jw, jh)})
+            if rng.random() < 0.3:  # an exact duplicate
+                results.append(det(image_id, x, y, w, h, 0, ann["category_id"]) | {"segmentation": rle(x, y, w, h)})
+            if rng.random() < 0.3:  # box IoU 1 - 1e-11: matches at threshold 1, which pycocotools caps at 1 - 1e-10
+                results.append(det(image_id, x, y, w, h, 0, ann["category_id"])
+                               | {"bbox": [x, y, w * (1 - 1e-11), h], "segmentation": rle(x, y, w, h)})
+        # image 2: only false positives, image 3: no detections, image 4: more than 100 in category 1
+        num_fp = {2: 3, 3: 0, 4: 130}.get(image_id, int(rng.integers(0, 4)))
+        for _ in range(num_fp):
+            x, y, w, h = box()
+            cat = 1 if image_id == 4 else int(rng.integers(1, 3))
+            results.append(det(image_id, x, y, w, h, 0, cat) | {"segmentation": rle(x, y, w, h)})
+    for r in results:
+        r["score"] = float(rng.integers(1, 40)) / 40  # coarse: many ties, settled by order
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns,
+                    "categories": [{"id": 1, "name": "chromosome"}, {"id": 2, "name": "nucleus"}]}
+    quiet(coco.createIndex)
+    return coco, results
+
+
+def evaluated(cls, coco_gt: COCO, results: list[dict], iou_type: str, use_cats: bool = True, *args, iou_thrs=None):
+    gt = copy_of(coco_gt)
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    dt = quiet(gt.loadRes, [{k: v for k, v in copy.deepcopy(r).items() if k != drop} for r in results])
+    ev = cls(gt, dt, iou_type, *args)
+    ev.params.useCats = int(use_cats)
+    if iou_thrs is not None:
+        ev.params.iouThrs = np.array(iou_thrs)
+    quiet(ev.evaluate)
+    quiet(ev.accumulate)
+    quiet(ev.summarize)
+    return ev
+
+
+def assert_same_eval_imgs(ours: COCOeval, theirs: COCOeval) -> None:
+    assert len(ours.evalImgs) == len(theirs.evalImgs)
+    for mine, ref in zip(ours.evalImgs, theirs.evalImgs):
+        if ref is None:
+            assert mine is None
+            continue
+        assert mine.keys() == ref.keys()
+        for key, value in ref.items():
+            if isinstance(value, np.ndarray):
+                assert mine[key].dtype == value.dtype and np.array_equal(mine[key], value), key
+            else:
+                assert mine[key] == value, key
+    assert list(ours.stats) == list(theirs.stats)
+
+
+@pytest.mark.parametrize("seed, iou_type, use_cats", [(0, "bbox", True), (1, "segm", True), (2, "bbox", True),
+                                                      (3, "segm", True), (4, "bbox", False)])
+@pytest.mark.parametrize("iou_thrs", [None, [0.3, 0.5, 0.75, 1.0]], ids=["default", "iou1"])  # 1.0: exact copies only
+def test_vectorised_matching_equals_pycocotools(seed, iou_type, use_cats, iou_thrs):
+    from train_utils.coco_eval import _SubsetCOCOeval
+
+    coco, results = random_case(seed)
+    ours = evaluated(_SubsetCOCOeval, coco, results, iou_type, use_cats, iou_thrs=iou_thrs)
+    theirs = evaluated(COCOeval, coco, results, iou_type, use_cats, iou_thrs=iou_thrs)
+    assert_same_eval_imgs(ours, theirs)
+    matched = [e for e in theirs.evalImgs if e is not None]
+    assert any(e["dtIgnore"].any() for e in matched) and any(e["gtIgnore"].any() for e in matched)
+    assert any(len(e["dtIds"]) == 100 for e in matched)  # maxDet truncation happened
+    assert any(not e["gtIds"] for e in matched) and any(not e["dtIds"] for e in matched)
+    assert 0 < theirs.stats[0] < 1 and all(s > -1 for s in theirs.stats)  # every area range has ground truth
+    assert any(e["dtMatches"][-1].any() for e in matched)  # also at the top threshold
+
+
+def test_vectorised_matching_keeps_the_subset_evaluation():
+    from train_utils.coco_eval import _SubsetCOCOeval
+
+    class PycocotoolsMatching(_SubsetCOCOeval):
+        evaluateImg = COCOeval.evaluateImg
+
+    coco, results = random_case(5)
+    ignored = [a["id"] for a in coco.dataset["annotations"] if a["id"] % 3 == 0]
+    ours = evaluated(_SubsetCOCOeval, coco, results, "segm", True, ignored)
+    theirs = evaluated(PycocotoolsMatching, coco, results, "segm", True, ignored)
+    assert_same_eval_imgs(ours, theirs)
+    assert list(ours.stats) != list(evaluated(_SubsetCOCOeval, coco, results, "segm").stats)  # the subset matters

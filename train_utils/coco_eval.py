@@ -77,8 +77,8 @@ class _SubsetCOCOeval(COCOeval):
             regular = gt_ignore == 0
             reaches = ious[:, None, :] >= np.minimum(p.iouThrs, 1 - 1e-10)[:, None]  # [D, T, G]
             for d in np.flatnonzero(reaches.any(axis=(1, 2))):
-                ok = reaches[d] & (~(gt_matches > 0) | crowd)
-                ok &= regular | ~(ok & regular).any(axis=1, keepdims=True)
+                ok = reaches[d] & (~(gt_matches > 0) | crowd)  # matched = holds a detection id > 0, as pycocotools
+                ok &= regular | ~(ok & regular).any(axis=1, keepdims=True)  # it stops at the ignored ones then
                 thrs = np.flatnonzero(ok.any(axis=1))
                 if not len(thrs):
                     continue
