@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
 from collections import Counter
@@ -193,6 +194,13 @@ class _SkipCounter:
                 f"{self.dropped_annotations} annotation(s) had nothing usable left and were left out")
 
 
+def polygon_in_reach(polygon: list[float], height: int, width: int) -> bool:
+    """Whether every coordinate is finite and within a few image sizes of the image: pycocotools rasterises the whole
+    outline, so one stray point (``1e9``, ``Infinity``) would exhaust the memory."""
+    reach = 4 * max(height, width)
+    return all(math.isfinite(v) and -reach <= v <= reach for v in polygon)
+
+
 def _clean_polygons(segmentation: list, height: int, width: int, skipped: _SkipCounter,
                     where: str) -> list[list[float]]:
     """The usable parts of a (multi-part) polygon: at least 3 points and not entirely outside the image."""
@@ -200,6 +208,8 @@ def _clean_polygons(segmentation: list, height: int, width: int, skipped: _SkipC
     for poly in segmentation:
         if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
             raise DatasetError(f"{where}: a polygon must be a flat list [x0, y0, x1, y1, ...] of numbers")
+        if not polygon_in_reach(poly, height, width):
+            raise DatasetError(f"{where}: a polygon point is not finite or lies far outside the {width}x{height} image")
         if len(poly) < 6:
             skipped.reasons["fewer than 3 points"] += 1
             continue

@@ -16,7 +16,9 @@ Measures, for one model (or ours and stock torchvision's with ``--compare-stock`
 Reference: stock torchvision ``maskrcnn_resnet50_fpn`` trained from scratch on the 109 BioImLab train images
 (768x576) with AMP, batch 4, SGD lr 0.02 and a cosine schedule ran 121 epochs in 6.5 minutes on one H100:
 109 * 121 / 390 s = 33.8 training images/s. ``--model stock`` (or ``--compare-stock``) measures that model on this
-machine with this script, so ours / stock separates our code from the machine.
+machine with this script, so ours / stock separates our code from the machine. The reference is a whole run's
+wall time (per-epoch evaluation included, if it had any) while this script times training steps only, so the ratio
+to 33.8 img/s flatters both models a little; ours / stock does not.
 
 On a GPU machine with the real data (converted outside the repository):
 
@@ -191,8 +193,8 @@ def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dat
     stats = engine.train_one_epoch(
         model, optimizer, batches, device, 0, scaler=scaler, amp_dtype=amp_dtype,
         # train.py's lr warmup (--warmup-iters 1000) not cut to this short run: ramping to lr 0.02 within a few
-        # steps makes a model trained from scratch diverge (a non-finite loss would end the benchmark), and the lr
-        # does not change the work a step does
+        # steps makes a model trained from scratch diverge (a non-finite loss would end the benchmark); the lr
+        # hardly changes the work a step does
         warmup_iters=train_args.warmup_iters,
         warmup_start_factor=train_args.warmup_factor, clip_grad_norm=train_args.clip_grad_norm,
         print_freq=train_args.print_freq, show_progress=False,
@@ -304,6 +306,8 @@ def _check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
                              ("--steps", args.steps, 1), ("--warmup-steps", args.warmup_steps, 0)):
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
+    if args.min_size < 32 or args.max_size < args.min_size:
+        parser.error(f"need 32 <= --min-size <= --max-size, got {args.min_size} and {args.max_size}")
     if args.compare_stock and args.model == STOCK:
         parser.error("--compare-stock compares our model with stock; pick --model maskrcnn or dacseg")
     if not (args.train or args.inference):

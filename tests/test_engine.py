@@ -51,6 +51,16 @@ def test_collate_fn_and_warmup_factor():
     assert engine.amp_dtype_from_name("bfloat16") is torch.bfloat16 and engine.amp_dtype_from_name(None) is None
 
 
+def test_warmup_continues_across_epochs():
+    model = StandIn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.probe = optimizer
+    engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 1, warmup_iters=8,
+                           warmup_start_factor=0.01, iteration_offset=5, show_progress=False)
+    assert model.seen_lrs == pytest.approx([0.1 * engine.warmup_factor(i, 8, 0.01) for i in (5, 6, 7)] + [0.1, 0.1])
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
 def test_train_one_epoch_means_warmup_and_lr_restore():
     model = StandIn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -123,6 +123,11 @@ def test_bad_inputs_give_one_line(tiny_coco, checkpoint, tmp_path, capsys):
 
     rc, _, err = run_main(capsys, "--weights-path", tmp_path / "missing.pth", *base)
     assert rc == 2 and "missing.pth" in one_error_line(err)
+    not_a_checkpoint = tmp_path / "notes.pth"
+    not_a_checkpoint.write_text("not a checkpoint")
+    rc, _, err = run_main(capsys, "--weights-path", not_a_checkpoint, *base)
+    line = one_error_line(err)
+    assert rc == 2 and "notes.pth" in line and "weights_only" not in line  # no advice to load unsafely
     rc, _, err = run_main(capsys, "--results-json", good, *base, "--split", "test")
     assert rc == 2 and "'test'" in one_error_line(err)
     rc, _, err = run_main(capsys, "--results-json", tmp_path / "nope.json", *base)

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from my_dataset_chromosome import DatasetError, overlapping_from_rles, read_json  # noqa: E402
+from my_dataset_chromosome import DatasetError, overlapping_from_rles, polygon_in_reach, read_json  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
 
 IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
@@ -153,6 +153,9 @@ class CocoBuilder:
         height, width = image["height"], image["width"]
         usable = []
         for poly in polygons:
+            if not polygon_in_reach(poly, height, width):
+                raise DatasetError(f"{source}: a polygon point is not finite or lies far outside the {width}x{height} "
+                                   "image")
             xs, ys = poly[0::2], poly[1::2]
             if len(poly) < 6:
                 self.skip("fewer than 3 points", source)

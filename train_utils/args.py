@@ -192,9 +192,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="epochs at which multistep multiplies the lr by --lr-gamma (default: %(default)s)")
     group.add_argument("--lr-gamma", type=_number(float, 0.0, 1.0), default=0.1, metavar="G",
                        help="multistep lr factor (default: %(default)s)")
-    group.add_argument("--warmup-iters", type=_number(int, low=0), default=1000, metavar="N",
-                       help="linear lr warmup over the first N iterations, within the first epoch "
-                            "(default: %(default)s)")
+    group.add_argument("--warmup-iters", type=_number(int, low=0), default=None, metavar="N",
+                       help="linear lr warmup over the first N iterations of the run, across epochs if need be "
+                            "(default: the first epoch, at most 1000 iterations)")
     group.add_argument("--warmup-factor", type=_number(float, 0.0, 1.0, low_open=True), default=1e-3, metavar="F",
                        help="lr factor at the first warmup iteration (default: %(default)s)")
     group.add_argument("--clip-grad-norm", type=_number(float, 0.0, low_open=True), default=None, metavar="NORM",

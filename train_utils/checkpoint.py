@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backbone.weights import _describe_load_error
 from network_files.config import ModelConfig
 
 
@@ -32,9 +33,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from exc
+    except Exception as exc:  # torch raises many kinds; the user needs one line (not its weights_only=False advice)
+        raise CheckpointError(f"cannot read checkpoint {path}: {_describe_load_error(exc)}") from exc
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a DaCSeg checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
     return checkpoint

@@ -57,6 +57,7 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     warmup_iters: int = 0,
     warmup_start_factor: float = 1e-3,
+    iteration_offset: int = 0,
     clip_grad_norm: float | None = None,
     print_freq: int = 10,
     show_progress: bool = True,
@@ -66,7 +67,7 @@ def train_one_epoch(
 
     The model returns its (already weighted) loss terms in training mode. ``amp_dtype`` turns autocast on;
     ``scaler`` (float16) scales the loss. The lr rises linearly over the first ``warmup_iters`` iterations of
-    this epoch and is restored afterwards. A non-finite loss on any process raises ``NonFiniteLossError`` on every
+    the run (this epoch's first iteration is the run's ``iteration_offset``) and is restored afterwards. A non-finite loss on any process raises ``NonFiniteLossError`` on every
     process before the optimizer step, so the weights stay those of the last good step.
     """
     model.train()
@@ -80,11 +81,11 @@ def train_one_epoch(
                dynamic_ncols=True)
     try:
         for iteration, (images, targets) in enumerate(bar):
-            if iteration < warmup_iters:
-                factor = warmup_factor(iteration, warmup_iters, warmup_start_factor)
+            if iteration_offset + iteration < warmup_iters:
+                factor = warmup_factor(iteration_offset + iteration, warmup_iters, warmup_start_factor)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr * factor
-            elif iteration == warmup_iters:
+            elif iteration_offset + iteration == warmup_iters:
                 for group, base_lr in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base_lr
             images, targets = _to_device(images, targets, device)

@@ -233,14 +233,16 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
             f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "
             f"output in {output_dir}")
 
+    # default: the first epoch, at most 1000 iterations (the reference setup); an explicit N may span epochs
+    warmup_iters = min(1000, len(train_loader) - 1) if args.warmup_iters is None else args.warmup_iters
     for epoch in range(start_epoch, args.epochs):
         train_loader.batch_sampler.set_epoch(epoch)
         seed_everything(args.seed, epoch + 1, info.rank)
         lr = optimizer.param_groups[0]["lr"]
         stats = engine.train_one_epoch(
             model, optimizer, train_loader, device, epoch, scaler=scaler, amp_dtype=amp_dtype,
-            warmup_iters=min(args.warmup_iters, len(train_loader) - 1) if epoch == 0 else 0,
-            warmup_start_factor=args.warmup_factor, clip_grad_norm=args.clip_grad_norm,
+            warmup_iters=warmup_iters, warmup_start_factor=args.warmup_factor,
+            iteration_offset=epoch * len(train_loader), clip_grad_norm=args.clip_grad_norm,
             print_freq=args.print_freq, show_progress=info.is_main,
         )
         lr_scheduler.step()
