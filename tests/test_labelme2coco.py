@@ -179,6 +179,10 @@ def test_bad_inputs_give_one_line_naming_the_culprit(tmp_path, capsys):
         write_labelme(tmp_path / "pts.json", [polygon(points)])
         message = _error([str(tmp_path / "pts.json"), "--out", out], capsys)
         assert "pts.json: shape 'chr' has malformed \"points\"" in message
+    for far in (1e9, float("inf"), float("nan")):  # pycocotools would rasterise the whole outline and run out of memory
+        write_labelme(tmp_path / "far.json", [polygon([[1, 1], [far, 2], [3, 9]])])
+        message = _error([str(tmp_path / "far.json"), "--out", out], capsys)
+        assert "far.json: a polygon point is not finite or lies far outside the 64x48 image" in message
 
     write_labelme(tmp_path / "ok.json", [])
     assert "--labels repeats a" in _error([str(tmp_path / "ok.json"), "--out", out, "--labels", "a,b,a"], capsys)

@@ -319,6 +319,8 @@ def test_unknown_category_names_annotation_and_category(tmp_path):
     ([image_entry(), image_entry()], [], r"duplicate image id 1"),
     ([image_entry()], [{"id": 3, "image_id": 1}], r"annotation 3: no polygon or RLE"),
     ([image_entry()], [{"id": 3, "image_id": 1, "segmentation": [[1, 2, 3]]}], r"annotation 3: a polygon must be"),
+    ([image_entry()], [{"id": 3, "image_id": 1, "segmentation": [[1, 2, 1e9, 2, 3, 9]]}],
+     r"annotation 3: a polygon point is not finite or lies far outside the 40x30 image"),
     ([image_entry()], [{"id": 3, "image_id": 1, "segmentation": {"size": [5, 5], "counts": "00"}}],
      r"annotation 3: RLE size \[5, 5\] does not match the image size \[30, 40\]"),
 ])

@@ -177,7 +177,7 @@ def test_gband_is_dark_on_light_and_crossings_are_darker():
 
 
 def test_bad_arguments_give_one_line_and_status_2(tmp_path, capsys):
-    for bad in (["--size", "12x5"], ["--size", "big"], ["--overlap-rate", "1.5"], ["--workers", "0"]):
+    for bad in (["--size", "12x5"], ["--size", "big"], ["--overlap-rate", "1.5"], ["--workers", "0"], ["--seed", "-3"]):
         with pytest.raises(SystemExit) as exit_info:
             synth_metaphase.main(["--out", str(tmp_path), "--num-images", "1", *bad])
         assert exit_info.value.code == 2

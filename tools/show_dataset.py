@@ -87,7 +87,8 @@ def show_dataset(data_path: str | Path, split: str, out: str | Path, num: int = 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-path", required=True, help="dataset root (images/, annotations/instances_<split>.json)")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train",
+                        help="split to show: annotations/instances_SPLIT.json (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument("--num", type=int, default=8, help="number of images to render")
     parser.add_argument("--start", type=int, default=0, help="index of the first item")

@@ -670,7 +670,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="dataset root to write (images/ and annotations/)")
     parser.add_argument("--num-images", type=int, required=True, help="number of images in this split")
     parser.add_argument("--split", default="train", help="split name; other splits under --out are kept")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed (>= 0); the same seed and arguments give identical files")
     parser.add_argument("--size", type=parse_size, default=REFERENCE_SIZE, metavar="WxH", help="image size")
     parser.add_argument("--stain", choices=STAINS, default="qband",
                         help="qband: bright chromosomes on dark; gband: dark chromosomes on light")
@@ -694,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--chromosomes must be at least 1, got {args.chromosomes}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
     if not args.split or any(c in args.split for c in "/\\"):
         parser.error(f"--split must be a plain name, got {args.split!r}")
     width, height = args.size
