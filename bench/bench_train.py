@@ -22,10 +22,10 @@ to 33.8 img/s flatters both models a little; ours / stock does not.
 
 On a GPU machine with the real data (converted outside the repository):
 
-    python tools/labelme2coco.py /work/shared/data/bioimlab/labelme/train --out /tmp/bioimlab --split train
-    python tools/labelme2coco.py /work/shared/data/bioimlab/labelme/val --out /tmp/bioimlab --split val
-    python bench/bench_train.py --data-path /tmp/bioimlab --model maskrcnn --compare-stock
-    python bench/bench_train.py --data-path /tmp/bioimlab --model dacseg --overlap-cls-head conv --compare-stock
+    python tools/labelme2coco.py ../shared/data/bioimlab/labelme/train --out data/bioimlab --split train
+    python tools/labelme2coco.py ../shared/data/bioimlab/labelme/val --out data/bioimlab --split val
+    python bench/bench_train.py --data-path data/bioimlab --model maskrcnn --compare-stock
+    python bench/bench_train.py --data-path data/bioimlab --model dacseg --overlap-cls-head conv --compare-stock
 
 Without the real data, ``--synthetic 109`` renders 109 synthetic 768x576 spreads into a temporary folder first.
 A CPU smoke run: ``--synthetic 4 --steps 3 --warmup-steps 1 --min-size 256 --max-size 320 -b 2 --device cpu``.
