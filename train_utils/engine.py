@@ -160,26 +160,6 @@ def iter_predictions(
         yield outputs, [int(t["image_id"]) for t in targets]
 
 
-def run_inference(
-    model: torch.nn.Module,
-    data_loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    show_progress: bool = False,
-) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """All outputs (CPU) and their image ids, ordered by image id; under ``torch.distributed`` each process runs its
-    shard of the loader and every process gets all outputs. Outputs hold full-size masks: for large sets prefer
-    ``evaluate``, which keeps only compressed COCO results."""
-    outputs: list[dict[str, torch.Tensor]] = []
-    image_ids: list[int] = []
-    for batch_outputs, batch_ids in iter_predictions(model, data_loader, device, amp_dtype, show_progress):
-        outputs.extend(batch_outputs)
-        image_ids.extend(batch_ids)
-    pairs = [pair for shard in distributed.all_gather_object(list(zip(image_ids, outputs))) for pair in shard]
-    pairs.sort(key=lambda pair: pair[0])
-    return [output for _, output in pairs], [image_id for image_id, _ in pairs]
-
-
 def predict_results(
     model: torch.nn.Module,
     data_loader: Iterable,
