@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
-from train_utils.args import ArgumentParser, UserError, add_device_args, add_threshold_args, print_error  # noqa: E402
+from train_utils.args import ArgumentParser, UserError, add_device_args, add_model_check_arg, add_threshold_args  # noqa: E402
+from train_utils.args import check_model_name, print_error  # noqa: E402
 from train_utils.checkpoint import CheckpointError, load_model_from_checkpoint  # noqa: E402
 from train_utils.inference import InferenceError, expand_inputs, label_maps, predict_files, prepare_model  # noqa: E402
 
@@ -35,6 +36,7 @@ def get_args_parser() -> ArgumentParser:
                         help="DaCSeg: also write each image's four overlap probability maps as grey PNGs")
     add_device_args(parser)
     add_threshold_args(parser)
+    add_model_check_arg(parser)
     return parser
 
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = expand_inputs(args.inputs)
         model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
+        check_model_name(args.model, config, args.weights_path)
         label_names, label_to_cat_id = label_maps(checkpoint, config, args.label_json_path)
         if args.save_overlap_maps and config.name != "dacseg":
             raise UserError(

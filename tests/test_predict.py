@@ -152,3 +152,12 @@ def test_runs_as_a_script(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr == f"error: folder {tmp_path} holds no images (.png .jpg .jpeg .tif .tiff .bmp)\n"
+
+
+def test_model_flag_checks_the_checkpoint(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
+    image = tiny_coco / "images" / "val_001.png"
+    assert run(maskrcnn_ckpt, tmp_path / "ok", image, extra=("--model", "maskrcnn")) == 0
+    capsys.readouterr()
+    assert run(maskrcnn_ckpt, tmp_path / "wrong", image, extra=("--model", "dacseg")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model dacseg" in err and "holds a maskrcnn model" in err

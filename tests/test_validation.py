@@ -155,6 +155,8 @@ def test_bad_inputs_give_one_line(tiny_coco, checkpoint, tmp_path, capsys):
     assert rc == 2 and "labels.json" in one_error_line(err)
     rc, _, err = run_main(capsys, "--weights-path", checkpoint, *base, "--num-classes", "2")
     assert rc == 2 and "--num-classes 2" in one_error_line(err)
+    rc, _, err = run_main(capsys, "--weights-path", checkpoint, *base, "--model", "dacseg")
+    assert rc == 2 and "--model dacseg" in one_error_line(err) and "holds a maskrcnn model" in err
     assert not (tmp_path / "out").exists()  # nothing written on error
 
     with pytest.raises(SystemExit) as exc:  # neither source given

@@ -121,6 +121,19 @@ def add_threshold_args(parser: argparse.ArgumentParser) -> None:
                         help="mask probability above which a pixel belongs to the instance (default: %(default)s)")
 
 
+def add_model_check_arg(parser: argparse.ArgumentParser) -> None:
+    """``--model`` for scripts that rebuild the model from a checkpoint: an optional check, never a second source."""
+    parser.add_argument("--model", choices=MODEL_NAMES, default=None,
+                        help="check that the checkpoint holds this model (the model is rebuilt from the checkpoint "
+                             "either way)")
+
+
+def check_model_name(expected: str | None, config: ModelConfig, checkpoint_path: object) -> None:
+    """Raise ``UserError`` when ``--model`` names another model than the checkpoint holds."""
+    if expected is not None and expected != config.name:
+        raise UserError(f"--model {expected} but {checkpoint_path} holds a {config.name} model")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags that become the ``ModelConfig`` (stored in every checkpoint) and the initial weights."""
     group = parser.add_argument_group("model")

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, load_label_json
-from train_utils.args import ArgumentParser, UserError, add_data_args, add_device_args, add_threshold_args, print_error
+from train_utils.args import ArgumentParser, UserError, add_data_args, add_device_args, add_model_check_arg
+from train_utils.args import add_threshold_args, check_model_name, print_error
 from train_utils.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, load_model_from_checkpoint
 from train_utils.coco_eval import evaluate_results
 from train_utils.engine import collate_fn, predict_results
@@ -44,6 +45,7 @@ def get_args_parser() -> ArgumentParser:
                         help="where record_mAP.txt and record_mAP.json go (default: the current folder)")
     add_device_args(parser)
     add_threshold_args(parser)
+    add_model_check_arg(parser)
     parser.add_argument("-b", "--batch-size", type=int, default=1, metavar="N",
                         help="images per inference batch (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="K",
@@ -61,6 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument -b/--batch-size: {args.batch_size} must be >= 1")
     if args.num_classes is not None and args.num_classes < 1:
         parser.error(f"argument --num-classes: {args.num_classes} must be >= 1 (background not counted)")
+    if args.model is not None and args.results_json is not None:
+        parser.error("argument --model: checks a --weights-path checkpoint; a --results-json file has no model")
     return args
 
 
@@ -151,6 +155,7 @@ def _checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
     dataset = ChromosomeDataset(args.data_path, args.split)
     checkpoint = load_checkpoint(args.weights_path)
     config = config_from_checkpoint(checkpoint, args.weights_path)
+    check_model_name(args.model, config, args.weights_path)
     check_class_flags(args, dataset, config.num_classes)
     label_to_cat_id = {int(k): int(v) for k, v in (checkpoint.get("label_to_cat_id") or dataset.label_to_cat_id).items()}
     if label_to_cat_id != dataset.label_to_cat_id:
