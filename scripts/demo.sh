@@ -25,8 +25,7 @@ $PY train.py --data-path "$OUT/data" --epochs $EPOCHS -b $BATCH "${SIZE[@]}" --c
 echo "== 4/5 validation of the last checkpoint -> $OUT/train/record_mAP.txt"
 $PY validation.py --weights-path "$OUT/train/model_$((EPOCHS - 1)).pth" --data-path "$OUT/data" --split val --output-dir "$OUT/train"
 echo "== 5/5 prediction on one image -> $OUT/predictions"
-$PY predict.py --weights-path "$OUT/train/model_$((EPOCHS - 1)).pth" "$OUT/data/images/val_000000.png" --output-dir "$OUT/predictions" \
-    --score-thresh 0.3
+$PY predict.py --weights-path "$OUT/train/model_$((EPOCHS - 1)).pth" "$OUT/data/images/val_000000.png" --output-dir "$OUT/predictions"
 cat <<DONE
 
 demo finished. Look at:
