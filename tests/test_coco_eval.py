@@ -259,6 +259,9 @@ def test_image_ids_restrict_the_evaluation():
     assert record["num_images"] == 1 and record["recall"] == 1.0 and record["segm"]["AP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="outside the evaluated images: 1"):
         evaluate_results(coco, [det(1, *A, 0.9)], image_ids=[2])
+    # no image evaluated: no ground truth either (pycocotools' getAnnIds(imgIds=[]) would return all of it)
+    record = evaluate_results(coco, [], image_ids=[])
+    assert record["num_images"] == 0 and record["num_gt"] == 0 and record["segm"]["fn"] == 0
 
 
 def random_case(seed: int, size: int = 160) -> tuple[COCO, list[dict]]:

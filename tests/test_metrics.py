@@ -130,6 +130,15 @@ def test_ignored_subset_leaves_precision_unchanged():
     assert metrics.detection_prf(coco, base + on_b)["fp"] == 3
 
 
+def test_no_images_means_no_ground_truth():
+    # pycocotools' getAnnIds(imgIds=[]) returns every annotation; evaluating no image must count none
+    coco = make_coco({1: [A, B], 2: [A]})
+    assert metrics.annotations_of(coco, []) == []
+    assert [a["id"] for a in metrics.annotations_of(coco, [2])] == [3]
+    assert metrics.detection_prf(coco, [], image_ids=[])["fn"] == 0
+    assert metrics.detection_prf(coco, [], image_ids=[2])["fn"] == 1
+
+
 def test_overlapping_flags_from_annotation_or_masks():
     # two rectangles sharing a 5x4 = 20 px strip, two touching along a 10 px column, one alone
     coco = make_coco({1: [(0, 0, 10, 10), (5, 6, 10, 10), (30, 30, 10, 10), (39, 30, 10, 10)], 2: [(0, 0, 19, 19)]})

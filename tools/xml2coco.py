@@ -35,8 +35,6 @@ from my_dataset_chromosome import DatasetError  # noqa: E402
 from tools.coco_layout import rle_from_mask  # noqa: E402
 from tools.labelme2coco import CocoBuilder, ConversionSummary, parse_labels  # noqa: E402
 
-VOC_VOID = 255
-
 
 def parse_xml(path: Path) -> etree._ElementTree:
     """Parse an XML file safely (no entities, no network); DatasetError naming the file."""

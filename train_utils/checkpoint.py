@@ -50,20 +50,27 @@ def config_from_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike =
         raise CheckpointError(f"{path}: bad model config: {exc}") from exc
 
 
-def load_model_from_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes and load its weights; returns (model in eval mode, config, checkpoint)."""
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], path: str | os.PathLike = "checkpoint", device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelConfig]:
+    """Rebuild the model a loaded checkpoint describes and load its weights; returns (model in eval mode, config)."""
     from network_files import build_model  # imported here: building pulls in torchvision's detection models
 
-    checkpoint = load_checkpoint(path)
     config = config_from_checkpoint(checkpoint, path)
     model = build_model(config)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit a {config.name} model: {str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval(), config, checkpoint
+    return model.to(device).eval(), config
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+    """Read a checkpoint and rebuild its model; returns (model in eval mode, config, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    return (*model_from_checkpoint(checkpoint, path, device), checkpoint)
 
 
 def capture_rng_state() -> dict[str, Any]:

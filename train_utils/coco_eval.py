@@ -277,7 +277,7 @@ def evaluate_results(
         if outside:
             raise ValueError(f"results name image id(s) outside the evaluated images: {_fmt_ids(outside)}")
     names = _category_names(gt, label_names)
-    gt_anns = gt.loadAnns(gt.getAnnIds(imgIds=image_ids))
+    gt_anns = metrics.annotations_of(gt, image_ids)
     iou_types = ["bbox", "segm"] if not dets or "segmentation" in dets[0] else ["bbox"]
 
     record: dict[str, Any] = {

@@ -13,6 +13,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from my_dataset_chromosome import overlapping_from_rles
+
 MATCH_IOU = 0.5
 
 
@@ -39,6 +41,11 @@ def match_detections(
                 taken[g] = not crowd
                 break
     return matched, ignored
+
+
+def annotations_of(coco_gt: COCO, image_ids: Iterable[int]) -> list[dict[str, Any]]:
+    """The ground-truth annotations of ``image_ids`` (none for no images: ``getAnnIds(imgIds=[])`` means all)."""
+    return [a for i in sorted(image_ids) for a in coco_gt.imgToAnns.get(i, [])]
 
 
 def precision_recall_f1(tp: int, fp: int, fn: int) -> dict[str, float | int]:
@@ -93,7 +100,7 @@ def detection_prf(
         if d["score"] >= score_thresh and d["image_id"] in image_ids:
             dets_by_key[d["image_id"], d["category_id"]].append(d)
     gts_by_key: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=sorted(image_ids))):
+    for a in annotations_of(coco_gt, image_ids):
         gts_by_key[a["image_id"], a["category_id"]].append(a)
 
     tp = fp = fn = 0
@@ -113,18 +120,17 @@ def detection_prf(
 def overlapping_flags(coco_gt: COCO, min_overlap_area: float = 20.0) -> dict[int, bool]:
     """Annotation id -> whether the instance overlaps another one, for every non-crowd annotation.
 
-    The annotation's ``overlapping`` flag where it has one; otherwise derived from the masks: the instance meets the
-    union of the other instances of its image over at least ``min_overlap_area`` pixels.
+    The annotation's ``overlapping`` flag where it has one; otherwise derived from the masks as the dataset does
+    (``my_dataset_chromosome.overlapping_from_rles``): the instance meets the union of the other instances of its
+    image over at least ``min_overlap_area`` pixels.
     """
     flags: dict[int, bool] = {}
     for image_id in coco_gt.getImgIds():
         anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         if any("overlapping" not in a for a in anns):
-            masks = np.stack([coco_gt.annToMask(a).astype(bool) for a in anns]) if anns else np.zeros((0, 1, 1), bool)
-            cover = masks.sum(axis=0, dtype=np.int32)
-            overlap_area = (masks & (cover - masks > 0)).sum(axis=(1, 2))
+            derived = overlapping_from_rles([coco_gt.annToRLE(a) for a in anns], min_overlap_area)
         for k, a in enumerate(anns):
-            flags[a["id"]] = bool(a["overlapping"]) if "overlapping" in a else bool(overlap_area[k] >= min_overlap_area)
+            flags[a["id"]] = bool(a["overlapping"]) if "overlapping" in a else derived[k]
     return flags
 
 

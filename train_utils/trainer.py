@@ -35,6 +35,7 @@ from train_utils.checkpoint import (
     capture_rng_state,
     config_from_checkpoint,
     load_checkpoint,
+    model_from_checkpoint,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -125,13 +126,7 @@ def build(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any]
         config = config_from_checkpoint(checkpoint, args.resume)
         if config.num_classes != num_classes:
             raise UserError(f"{args.resume} has {config.num_classes} classes but the data has {num_classes}")
-        model = build_model(config)
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{args.resume}: weights do not fit a {config.name} model: "
-                                  f"{str(exc).splitlines()[0]}") from None
-        return model, config
+        return model_from_checkpoint(checkpoint, args.resume)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UserError(f"--num-classes {args.num_classes} but the data has {num_classes} categories")
     pretrained = bool(args.pretrained or args.pretrained_backbone)

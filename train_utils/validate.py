@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, load_label_json
 from train_utils.args import ArgumentParser, UserError, add_data_args, add_device_args, add_model_check_arg
 from train_utils.args import add_threshold_args, check_model_name, print_error
-from train_utils.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, load_model_from_checkpoint
+from train_utils.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 from train_utils.coco_eval import evaluate_results
 from train_utils.engine import collate_fn, predict_results
 from train_utils.record import format_summary, write_record
@@ -161,8 +161,7 @@ def _checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
     if label_to_cat_id != dataset.label_to_cat_id:
         raise UserError(f"{args.weights_path} maps its labels to category ids {label_to_cat_id} but split "
                         f"{args.split!r} of {args.data_path} has {dataset.label_to_cat_id}")
-    del checkpoint
-    model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
+    model, config = model_from_checkpoint(checkpoint, args.weights_path, args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=collate_fn)
     results, image_ids = predict_results(model, loader, torch.device(args.device), label_to_cat_id,
