@@ -98,7 +98,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _describe_load_error(exc: BaseException) -> str:
+def describe_load_error(exc: BaseException) -> str:
     """torch.load's errors are long and suggest ``weights_only=False``; keep the part that says what is wrong."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
@@ -138,7 +138,7 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds for a bad file; the user needs one line
-            raise WeightsError(f"cannot read weights file {source}: {_describe_load_error(exc)}") from exc
+            raise WeightsError(f"cannot read weights file {source}: {describe_load_error(exc)}") from exc
         return unwrap_state_dict(obj, source)
     if path.exists():
         raise WeightsError(f"weights path {source} is not a file")

@@ -17,6 +17,7 @@ DACSEG_LOSS_NAMES = (
     "loss_overlap_else",
     "loss_overlap_else_edge",
 )
+LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
 
 
 @dataclass

@@ -30,9 +30,8 @@ from torchvision.models.detection.roi_heads import (
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .config import DACSEG_LOSS_NAMES, MASKRCNN_LOSS_NAMES, ModelConfig
+from .config import ModelConfig
 
-LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
 # inference keys of the auxiliary maps, in the order of ``DaCSegLogits`` fields 1..4
 OVERLAP_MAP_KEYS = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
 # target key added by ``DaCSegTransform``: (resized height * width) / (original height * width)

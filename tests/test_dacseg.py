@@ -11,10 +11,9 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import masks_to_boxes
 
 from network_files import ModelConfig, build_model
+from network_files.config import DACSEG_LOSS_NAMES, LOSS_NAMES
 from network_files.dacseg import (
     AREA_SCALE_KEY,
-    DACSEG_LOSS_NAMES,
-    LOSS_NAMES,
     OVERLAP_MAP_KEYS,
     DaCSegRoIHeads,
     DaCSegTransform,

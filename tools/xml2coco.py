@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from lxml import etree  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
-from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError  # noqa: E402

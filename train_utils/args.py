@@ -14,11 +14,10 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from network_files.config import BACKBONE_NAMES, DACSEG_LOSS_NAMES, MASKRCNN_LOSS_NAMES, MODEL_NAMES, NORM_LAYERS
+from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS
 from network_files.config import OVERLAP_CLS_HEADS, ModelConfig
 from transforms import PRESETS
 
-LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
 _MODEL_DEFAULTS = ModelConfig()
 
 

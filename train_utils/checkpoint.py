@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backbone.weights import _describe_load_error
+from backbone.weights import describe_load_error
 from network_files.config import ModelConfig
 
 
@@ -34,7 +34,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds; the user needs one line (not its weights_only=False advice)
-        raise CheckpointError(f"cannot read checkpoint {path}: {_describe_load_error(exc)}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {describe_load_error(exc)}") from exc
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a DaCSeg checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
     return checkpoint
