@@ -225,3 +225,16 @@ def test_real_bioimlab_train_converts_to_109_images_and_4565_instances(bioimlab,
         evaluator.accumulate()
         evaluator.summarize()
     assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("module_name, argv", [
+    ("labelme2coco", ["--bogus", "x", "--out", "y"]),
+    ("xml2coco", []),
+])
+def test_converter_usage_errors_are_one_line(module_name, argv, capsys):
+    import importlib
+    module = importlib.import_module(f"tools.{module_name}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "error:" in err

@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError, overlapping_from_rles, polygon_in_reach, read_json  # noqa: E402
+from train_utils.args import ArgumentParser  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
 
 IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
@@ -295,7 +296,7 @@ def convert_labelme(inputs: Sequence[str | Path], out_dir: str | Path, split: st
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])  # errors: one line
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="labelme JSON files or folders of them")
     parser.add_argument("--out", required=True, help="dataset root to write (images/ and annotations/)")
     parser.add_argument("--split", default="train", help="split name: writes annotations/instances_<split>.json")

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
+from train_utils.args import ArgumentParser  # noqa: E402
 from tools.coco_layout import rle_from_mask  # noqa: E402
 from tools.labelme2coco import CocoBuilder, ConversionSummary, parse_labels  # noqa: E402
 
@@ -184,7 +185,7 @@ def convert_xml(input_path: str | Path, out_dir: str | Path, split: str = "train
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])  # errors: one line
     parser.add_argument("input", metavar="INPUT", help="a CVAT for-images XML file or a Pascal VOC root folder")
     parser.add_argument("--out", required=True, help="dataset root to write (images/ and annotations/)")
     parser.add_argument("--split", default="train", help="split name: writes annotations/instances_<split>.json")
