@@ -1,11 +1,11 @@
 """Distributed training with torchrun: the same parser, engine and outputs as train.py, one process per GPU.
 
-    torchrun --nproc_per_node=4 train_multi_GPU.py --data-path data/bioimlab_coco -b 2 --lr 0.04
+    torchrun --nproc_per_node=4 train_multi_GPU.py --data-path data/bioimlab_coco -b 2     # lr 0.04 (scaled)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train_multi_GPU.py --data-path D ...
     torchrun --nproc_per_node=2 train_multi_GPU.py --device cpu ...   # gloo on CPUs (what CI runs)
 
--b is per process: the total batch is nproc x b; scale --lr with it (0.02 for 4 images). Backend nccl on GPUs,
+-b is per process: the total batch is nproc x b; the default lr scales with it (0.02 per 4 images). Backend nccl on GPUs,
 gloo with --device cpu. Only process 0 writes files and progress. Run without torchrun it is a one-process job.
 """
 from __future__ import annotations

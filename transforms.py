@@ -78,8 +78,13 @@ def _quarter_turns() -> v2.Transform:
     return v2.RandomChoice([v2.RandomRotation((angle, angle), expand=True) for angle in (0, 90, 180, 270)])
 
 
-def get_transform(preset: str, train: bool, *, invert_prob: float = 0.0) -> Callable:
-    """The ``(image, target)`` transform of a preset (see the module docstring); ``train=False`` only fixes dtypes."""
+def get_transform(preset: str, train: bool, *, invert_prob: float = 0.0, crop_size: int | None = None) -> Callable:
+    """The ``(image, target)`` transform of a preset (see the module docstring); ``train=False`` only fixes dtypes.
+
+    ``crop_size`` (training only) cuts a random ``crop_size`` square (padded with 0 where the image is smaller) at the
+    original scale before the preset; boxes are then the tight boxes of the cut masks and instances cut away entirely
+    are dropped.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if not 0.0 <= invert_prob <= 1.0:
@@ -87,7 +92,7 @@ def get_transform(preset: str, train: bool, *, invert_prob: float = 0.0) -> Call
     if not train:
         return v2.Compose([v2.ToImage(), _dtypes()])
 
-    geometric: list[Callable] = []
+    geometric: list[Callable] = [] if crop_size is None else [v2.RandomCrop(crop_size, pad_if_needed=True)]
     photometric: list[Callable] = []
     if preset in ("hflip", "flip", "chromosome"):
         geometric.append(v2.RandomHorizontalFlip(0.5))
@@ -108,6 +113,6 @@ def get_transform(preset: str, train: bool, *, invert_prob: float = 0.0) -> Call
     if invert_prob > 0:
         photometric.append(v2.RandomInvert(invert_prob))
     steps: list[Callable] = [v2.ToImage(), _dtypes(), *geometric]
-    if preset == "chromosome":  # flips are exact on boxes; rotation and scaling are not
+    if preset == "chromosome" or crop_size is not None:  # flips are exact on boxes; crops, rotation, scaling not
         steps.append(tighten_instances)
     return v2.Compose(steps + photometric)

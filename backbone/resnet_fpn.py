@@ -12,6 +12,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from backbone.weights import LoadReport, WeightsError, load_state_dict_report, read_state_dict
 
 BACKBONES: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
     "resnext101_32x8d": resnet.resnext101_32x8d,

@@ -66,7 +66,7 @@ from train_utils.args import (  # noqa: E402
     print_error,
 )
 from train_utils.samplers import train_batch_sampler  # noqa: E402
-from train_utils.trainer import make_optimizer, seed_everything  # noqa: E402
+from train_utils.trainer import make_optimizer, make_schedule, resolve_lr, seed_everything  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 REFERENCE_IMAGES_PER_S = 109 * 121 / 390  # stock Mask R-CNN, BioImLab train, AMP, batch 4, one H100: 33.8
@@ -185,18 +185,19 @@ def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dat
                                           train_args.aspect_ratio_group_factor, seed=train_args.seed),
         num_workers=train_args.workers, collate_fn=engine.collate_fn, pin_memory=device.type == "cuda",
     )
-    optimizer = make_optimizer(model, train_args)
+    lr, _ = resolve_lr(train_args, world_size=1)
+    optimizer = make_optimizer(model, train_args, lr)
+    # train.py's schedule laid over the timed steps; the warmup stays the run's 300 steps, so this short run stays
+    # near its start: ramping to lr 0.02 within a few steps makes a model trained from scratch diverge (a
+    # non-finite loss would end the benchmark), and the lr hardly changes the work a step does
+    lr_scheduler, _ = make_schedule(optimizer, train_args, steps_per_epoch=warmup + steps)
     amp_dtype = engine.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     batches = TimedBatches(loader, warmup, steps, device)
     seed_everything(train_args.seed, 1, 0)
     stats = engine.train_one_epoch(
-        model, optimizer, batches, device, 0, scaler=scaler, amp_dtype=amp_dtype,
-        # train.py's lr warmup (--warmup-iters 1000) not cut to this short run: ramping to lr 0.02 within a few
-        # steps makes a model trained from scratch diverge (a non-finite loss would end the benchmark); the lr
-        # hardly changes the work a step does
-        warmup_iters=train_args.warmup_iters,
-        warmup_start_factor=train_args.warmup_factor, clip_grad_norm=train_args.clip_grad_norm,
+        model, optimizer, batches, device, 0, lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype,
+        clip_grad_norm=train_args.clip_grad_norm,
         print_freq=train_args.print_freq, show_progress=False,
     )
     return TrainResult(steps, batches.images, batches.seconds, batches.data_wait_s, _peak_gib(device), stats["loss"])

@@ -61,6 +61,7 @@ def build_model(config: ModelConfig, pretrained_backbone: str | Path | None = No
         box_score_thresh=config.box_score_thresh,
         box_nms_thresh=config.box_nms_thresh,
         box_detections_per_img=config.box_detections_per_img,
+        box_batch_size_per_image=config.rois_per_image,
     )
     if config.name == "dacseg":
         from network_files.dacseg import convert_to_dacseg  # the heads pull in more code; only when asked

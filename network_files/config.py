@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 MODEL_NAMES = ("maskrcnn", "dacseg")
-BACKBONE_NAMES = ("resnet50", "resnet101", "resnext101_32x8d")
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
 NORM_LAYERS = ("bn", "frozen_bn")
 OVERLAP_CLS_HEADS = ("fc", "conv")
 MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -37,6 +37,7 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
+    rois_per_image: int = 512  # RoIs sampled per training image for the box and mask losses (torchvision's 512)
     # DaCSeg only
     overlap_cls_head: str = "fc"
     min_overlap_area: float = 20.0  # px^2 at the original image scale
@@ -60,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"unknown norm layer {self.norm_layer!r}; choose one of {', '.join(NORM_LAYERS)}")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise ValueError(f"need 32 <= min_size <= max_size, got min_size={self.min_size} max_size={self.max_size}")
+        if self.rois_per_image < 1:
+            raise ValueError(f"rois_per_image must be at least 1, got {self.rois_per_image}")
         if len(self.anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one size per FPN level (5), got {list(self.anchor_sizes)}")
         if self.overlap_cls_head not in OVERLAP_CLS_HEADS:

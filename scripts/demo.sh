@@ -20,7 +20,7 @@ $PY tools/synth_metaphase.py --out "$OUT/data" --split val --num-images $NUM_VAL
 echo "== 2/5 a look at the ground truth -> $OUT/show"
 $PY tools/show_dataset.py --data-path "$OUT/data" --split val --out "$OUT/show" --num 1 --no-stats
 echo "== 3/5 training Mask R-CNN -> $OUT/train"
-$PY train.py --data-path "$OUT/data" --epochs $EPOCHS -b $BATCH "${SIZE[@]}" --clip-grad-norm 10 \
+$PY train.py --data-path "$OUT/data" --epochs $EPOCHS -b $BATCH "${SIZE[@]}" \
     --output-dir "$OUT/train" --seed 0
 echo "== 4/5 validation of the last checkpoint -> $OUT/train/record_mAP.txt"
 $PY validation.py --weights-path "$OUT/train/model_$((EPOCHS - 1)).pth" --data-path "$OUT/data" --split val --output-dir "$OUT/train"

@@ -33,8 +33,10 @@ def _error_line(capsys, argv) -> str:
 
 def test_defaults_are_the_reference_setup():
     args = parse_args(DATA)
-    assert (args.opt, args.lr, args.momentum, args.weight_decay) == ("sgd", 0.02, 0.9, 1e-4)
-    assert (args.batch_size, args.epochs, args.lr_scheduler) == (4, 26, "cosine")
+    assert (args.opt, args.lr, args.momentum, args.weight_decay) == ("sgd", None, 0.9, 1e-4)  # None: 0.02 per 4
+    assert (args.batch_size, args.epochs, args.lr_scheduler) == (4, 121, "cosine")
+    assert (args.warmup_iters, args.warmup_factor, args.clip_grad_norm) == (None, 1e-3, 10.0)  # None: 300 or less
+    assert args.accumulate_steps == 1 and args.rois_per_image == 512
     assert args.data_augmentation == "flip"
     assert args.model == "maskrcnn" and args.num_classes is None
     assert args.pretrained is None and args.pretrained_backbone is None  # from scratch unless weights are given

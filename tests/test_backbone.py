@@ -54,9 +54,20 @@ def test_deeper_backbones_have_their_shape():
     assert resnext.out_channels == resnet101.out_channels == 256
 
 
+def test_small_backbones_feed_the_same_fpn():
+    """resnet18/34 (basic blocks, 64..512 channels) give the FPN levels Mask R-CNN expects."""
+    small = resnet_fpn_backbone("resnet18", "bn", 5)
+    assert small.body.layer4[0].conv1.in_channels == 256 and small.out_channels == 256
+    features = small(torch.zeros(1, 3, 64, 64))
+    assert list(features) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(f.shape[1:]) for f in features.values()] == [(256, 16, 16), (256, 8, 8), (256, 4, 4),
+                                                               (256, 2, 2), (256, 1, 1)]
+    assert len(resnet_fpn_backbone("resnet34", "frozen_bn", 3).body.layer3) == 6
+
+
 def test_unknown_backbone_is_refused():
-    with pytest.raises(ValueError, match="resnet18"):
-        resnet_fpn_backbone("resnet18", "bn", 3)
+    with pytest.raises(ValueError, match="resnet152"):
+        resnet_fpn_backbone("resnet152", "bn", 3)
 
 
 @pytest.mark.parametrize("wrapper", [None, "model", "state_dict"])

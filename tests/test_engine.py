@@ -2,6 +2,7 @@
 through the real COCO pipeline with oracle and empty predictions."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from my_dataset_chromosome import ChromosomeDataset
-from train_utils import engine, results
+from train_utils import engine, results, schedule
 from train_utils.samplers import ShardSampler
 from transforms import get_transform
 
@@ -43,37 +44,98 @@ def _batches(n: int, batch: int = 2):
             for i in range(n)]
 
 
-def test_collate_fn_and_warmup_factor():
+def test_collate_fn_and_amp_dtype():
     assert engine.collate_fn([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
-    assert engine.warmup_factor(0, 4, 0.001) == pytest.approx(0.001)
-    assert engine.warmup_factor(2, 4, 0.001) == pytest.approx(0.5005)
-    assert engine.warmup_factor(4, 4, 0.001) == engine.warmup_factor(9, 0, 0.5) == 1.0
     assert engine.amp_dtype_from_name("bfloat16") is torch.bfloat16 and engine.amp_dtype_from_name(None) is None
 
 
-def test_warmup_continues_across_epochs():
+def test_scheduler_steps_once_per_optimizer_step_across_epochs():
     model = StandIn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.probe = optimizer
-    engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 1, warmup_iters=8,
-                           warmup_start_factor=0.01, iteration_offset=5, show_progress=False)
-    assert model.seen_lrs == pytest.approx([0.1 * engine.warmup_factor(i, 8, 0.01) for i in (5, 6, 7)] + [0.1, 0.1])
-    assert optimizer.param_groups[0]["lr"] == 0.1
+    lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=100, steps_per_epoch=5, warmup_iters=8,
+                                              warmup_factor=0.01)
+    for epoch in range(2):
+        stats = engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), epoch,
+                                       lr_scheduler=lr_scheduler, show_progress=False)
+        assert stats["optimizer_steps"] == 5
+    factor = functools.partial(schedule.lr_factor, total_steps=100, steps_per_epoch=5, warmup_iters=8,
+                               warmup_factor=0.01)
+    assert model.seen_lrs == pytest.approx([0.1 * factor(i) for i in range(10)])
+    assert stats["lr"] == pytest.approx(0.1 * factor(9))  # the lr of the epoch's last step
 
 
-def test_train_one_epoch_means_warmup_and_lr_restore():
+def test_train_one_epoch_means():
     model = StandIn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model.probe = optimizer
-    stats = engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 0, warmup_iters=3,
-                                   warmup_start_factor=0.01, show_progress=False)
-    assert model.seen_lrs == pytest.approx([0.1 * engine.warmup_factor(i, 3, 0.01) for i in range(3)] + [0.1, 0.1])
-    assert optimizer.param_groups[0]["lr"] == 0.1
+    stats = engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 0, show_progress=False)
     a, b = zip(*model.seen_losses)
     assert stats["loss_a"] == pytest.approx(sum(a) / 5) and stats["loss_b"] == pytest.approx(sum(b) / 5)
     assert stats["loss"] == pytest.approx((sum(a) + sum(b)) / 5)
-    assert stats["images_per_s"] > 0 and stats["epoch_time_s"] > 0
+    assert stats["images_per_s"] > 0 and stats["epoch_time_s"] > 0 and stats["lr"] == 0.1
     assert model.training
+
+
+class Linear(nn.Module):
+    """A least-squares 'detector': its loss is the batch mean, so a batch of 2 equals two accumulated batches of 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, images, targets=None):
+        x = torch.stack([image.flatten()[:3] for image in images])
+        y = torch.stack([t["y"] for t in targets])
+        return {"loss_fit": ((self.lin(x).squeeze(1) - y) ** 2).mean()}
+
+
+def _regression_batches(batch: int, count: int = 4):
+    torch.manual_seed(1)
+    samples = [(torch.randn(3, 1, 1), {"y": torch.randn(())}) for _ in range(count)]
+    return [engine.collate_fn(samples[i:i + batch]) for i in range(0, count, batch)]
+
+
+def _gradient(model, loader, accumulate_steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a step that keeps the weights: look at the gradient
+    grads = []
+
+    def zero_grad(set_to_none=True):  # record each applied gradient, then clear it
+        if model.lin.weight.grad is not None:
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p in model.parameters():
+            p.grad = None
+
+    optimizer.zero_grad = zero_grad
+    engine.train_one_epoch(model, optimizer, loader, torch.device("cpu"), 0, accumulate_steps=accumulate_steps,
+                           show_progress=False)
+    return grads
+
+
+def test_accumulation_equals_the_larger_batch():
+    big = _gradient(Linear(), _regression_batches(2), accumulate_steps=1)
+    accumulated = _gradient(Linear(), _regression_batches(1), accumulate_steps=2)
+    assert len(big) == len(accumulated) == 2
+    for a, b in zip(big, accumulated):
+        for ga, gb in zip(a, b):
+            assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_accumulation_counts_optimizer_steps_and_scales_a_partial_group():
+    model = Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=10, steps_per_epoch=2)
+    stats = engine.train_one_epoch(model, optimizer, _regression_batches(1, count=3), torch.device("cpu"), 0,
+                                   lr_scheduler=lr_scheduler, accumulate_steps=2, show_progress=False)
+    assert stats["optimizer_steps"] == 2 and lr_scheduler.last_epoch == 2
+    # the last, partial group (one batch) weighs like a whole batch: its gradient is that batch's own
+    last_alone = _gradient(Linear(), _regression_batches(1, count=3)[2:], accumulate_steps=1)
+    partial = _gradient(Linear(), _regression_batches(1, count=3), accumulate_steps=2)
+    assert len(partial) == 2
+    first_two = _gradient(Linear(), _regression_batches(2, count=2), accumulate_steps=1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(partial[0], first_two[0]))
+    # the same start weights (lr 0): the partial group's gradient is the third batch's alone
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(partial[1], last_alone[0]))
 
 
 def test_clip_grad_norm_bounds_the_step():
@@ -99,13 +161,11 @@ def test_non_finite_loss_stops_before_the_step():
 
     optimizer.step = step
     with pytest.raises(engine.NonFiniteLossError) as exc:
-        engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 7, warmup_iters=4,
-                               show_progress=False)
+        engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 7, show_progress=False)
     message = str(exc.value)
     assert "epoch 7, iteration 2" in message and "loss_b=nan" in message and "loss_a=" in message
     assert "\n" not in message
     assert len(snapshots) == 2 and torch.equal(model.w.detach(), snapshots[-1])  # no step on the bad loss
-    assert optimizer.param_groups[0]["lr"] == 0.1  # warmup lr restored
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -2,6 +2,7 @@
 a non-finite loss, and one-line errors."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import torchvision.models.detection.roi_heads as tv_roi_heads
 from PIL import Image
 
 import train
+from train_utils import schedule
 from train_utils.checkpoint import load_checkpoint
 from train_utils.results import parse_epoch_line, read_jsonl
 
@@ -59,7 +61,10 @@ def test_result_files_have_the_seeds_format(run_two_epochs):
         assert seg_numbers[13] == round(record["lr"], 6)
         assert record["loss"] == pytest.approx(sum(record[k] for k in LOSS_TERMS))
         assert {"AP", "AP50", "recall"} <= set(record["overlap_segm"]) and "summary_lines" not in record["segm"]
-    assert records[0]["lr"] == 0.002 and records[1]["lr"] == pytest.approx(0.001)  # cosine over 2 epochs
+    # per-step schedule over 2 epochs of 2 steps, warmup 2 steps (half the run); each line has its last step's lr
+    factor = functools.partial(schedule.lr_factor, total_steps=4, steps_per_epoch=2, warmup_iters=2)
+    assert [r["lr"] for r in records] == pytest.approx([0.002 * factor(1), 0.002 * factor(3)])
+    assert [r["optimizer_steps"] for r in records] == [2, 2]
 
 
 def test_side_files(run_two_epochs):
@@ -105,6 +110,33 @@ def test_resume_repeats_the_uninterrupted_run(run_two_epochs, tiny_coco, tmp_pat
     for key in ("loss", *LOSS_TERMS, "lr"):
         assert resumed[0][key] == uninterrupted[key], key
     assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_1.pth"]
+
+
+def test_resume_honours_a_new_lr_and_says_so(run_two_epochs, tiny_coco, tmp_path, capsys):
+    out = tmp_path / "new_lr"
+    argv = tiny_args(tiny_coco, out, "--epochs", "2", "--resume", str(run_two_epochs / "model_0.pth"), seed=False)
+    argv[argv.index("--lr") + 1] = "0.004"
+    assert train.main(argv) == 0
+    assert "resuming with base lr 0.004 instead of the checkpoint's 0.002" in capsys.readouterr().out
+    factor = functools.partial(schedule.lr_factor, total_steps=4, steps_per_epoch=2, warmup_iters=2)
+    assert read_jsonl(out / "metrics.jsonl")[0]["lr"] == pytest.approx(0.004 * factor(3))
+    assert json.loads((out / "args.json").read_text())["lr"] == 0.004
+
+
+def test_default_lr_scales_with_the_total_batch_and_accumulation(tiny_coco, tmp_path, capsys):
+    """-b 1 with 2 accumulated batches: lr 0.02 x 2 / 4, said once; 4 images make 2 optimizer steps an epoch."""
+    out = tmp_path / "accumulate"
+    argv = tiny_args(tiny_coco, out, "--epochs", "1", "--accumulate-steps", "2")
+    del argv[argv.index("--lr"):argv.index("--lr") + 2]
+    argv[argv.index("-b") + 1] = "1"
+    assert train.main(argv) == 0
+    said = capsys.readouterr().out
+    assert said.count("lr 0.01: 0.02 per 4 images scaled to a total batch of 2 (1 process(es) x -b 1 x "
+                      "--accumulate-steps 2)") == 1
+    record = read_jsonl(out / "metrics.jsonl")[0]
+    assert record["optimizer_steps"] == 2
+    args = json.loads((out / "args.json").read_text())
+    assert args["lr"] == 0.01 and args["warmup_iters"] == 1 and args["clip_grad_norm"] == 10.0
 
 
 def test_test_only_evaluates_a_checkpoint(run_two_epochs, tiny_coco, tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""One epoch of training (AMP, warmup, clipping), inference and COCO evaluation; the same code on one or many
-processes (under ``torch.distributed`` the losses are averaged over processes and the results gathered)."""
+"""One epoch of training (AMP, gradient accumulation, clipping, a per-step lr schedule), inference and COCO
+evaluation; the same code on one or many processes (under ``torch.distributed`` the losses are averaged over
+processes and the results gathered)."""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from pycocotools.coco import COCO
@@ -22,14 +24,6 @@ def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[tuple[Any, ...], ...]:
     return tuple(zip(*batch))
 
 
-def warmup_factor(iteration: int, warmup_iters: int, start_factor: float) -> float:
-    """Linear warmup: ``start_factor`` at iteration 0 rising to 1 at ``warmup_iters`` (1 from then on)."""
-    if iteration >= warmup_iters:
-        return 1.0
-    alpha = iteration / warmup_iters
-    return start_factor * (1.0 - alpha) + alpha
-
-
 def amp_dtype_from_name(name: str | None) -> torch.dtype | None:
     """``"float16"`` / ``"bfloat16"`` -> the torch dtype; None -> None (full precision)."""
     return None if name is None else {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
@@ -46,6 +40,34 @@ def _format_terms(names: Sequence[str], values: Sequence[float]) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values))
 
 
+def _check_finite(per_rank: torch.Tensor, names: Sequence[str], epoch: int, iteration: int) -> None:
+    """Raise ``NonFiniteLossError`` (on every process alike) when any process's loss terms are not finite."""
+    if torch.isfinite(per_rank).all():
+        return
+    bad_ranks = [r for r in range(per_rank.shape[0]) if not torch.isfinite(per_rank[r]).all()]
+    where = f" on process {', '.join(map(str, bad_ranks))}" if per_rank.shape[0] > 1 else ""
+    raise NonFiniteLossError(
+        f"non-finite loss at epoch {epoch}, iteration {iteration}{where}: "
+        f"{_format_terms(names, per_rank[bad_ranks[0]].tolist())}; training stopped, the last checkpoint is "
+        "untouched (try a lower --lr, a lower --clip-grad-norm or more --warmup-iters)"
+    )
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    clip_grad_norm: float | None) -> None:
+    """Clip (after unscaling) and apply the accumulated gradients, then clear them."""
+    if scaler is not None and clip_grad_norm:
+        scaler.unscale_(optimizer)
+    if clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -53,92 +75,77 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     *,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
-    warmup_iters: int = 0,
-    warmup_start_factor: float = 1e-3,
-    iteration_offset: int = 0,
     clip_grad_norm: float | None = None,
+    accumulate_steps: int = 1,
     print_freq: int = 10,
     show_progress: bool = True,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train one epoch; returns the epoch mean of every loss term and of their sum (``"loss"``), averaged over
-    processes, plus ``images_per_s`` (all processes together) and ``epoch_time_s``.
+    processes, plus the ``lr`` of the last optimizer step, ``optimizer_steps``, ``images_per_s`` (all processes
+    together) and ``epoch_time_s``.
 
-    The model returns its (already weighted) loss terms in training mode. ``amp_dtype`` turns autocast on;
-    ``scaler`` (float16) scales the loss. The lr rises linearly over the first ``warmup_iters`` iterations of
-    the run (this epoch's first iteration is the run's ``iteration_offset``) and is restored afterwards. A non-finite loss on any process raises ``NonFiniteLossError`` on every
-    process before the optimizer step, so the weights stay those of the last good step.
+    Each optimizer step sums the gradients of ``accumulate_steps`` batches, each loss scaled by 1 / the batches in
+    its group (the epoch's last group may be shorter); under DDP gradients synchronise on a group's last batch only.
+    ``lr_scheduler`` is stepped after every optimizer step; ``clip_grad_norm`` (0 or None: off) and the float16
+    ``scaler`` act once per optimizer step. A non-finite loss on any process raises ``NonFiniteLossError`` on every
+    process before the group's optimizer step, so the weights stay those of the last good step. Every
+    ``print_freq`` batches ``on_log(iteration, values)`` gets the running means and the lr.
     """
     model.train()
     world_size = distributed.get_world_size()
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    num_batches = len(data_loader)
     names: list[str] | None = None
     sums: torch.Tensor | None = None
-    steps = images_seen = 0
+    steps = images_seen = optimizer_steps = 0
+    last_lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    bar = tqdm(data_loader, desc=f"epoch {epoch}", unit="it", disable=None if show_progress else True,
-               dynamic_ncols=True)
-    try:
+    optimizer.zero_grad(set_to_none=True)
+    with tqdm(data_loader, desc=f"epoch {epoch}", unit="it", disable=None if show_progress else True,
+              dynamic_ncols=True) as bar:
         for iteration, (images, targets) in enumerate(bar):
-            if iteration_offset + iteration < warmup_iters:
-                factor = warmup_factor(iteration_offset + iteration, warmup_iters, warmup_start_factor)
-                for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base_lr * factor
-            elif iteration_offset + iteration == warmup_iters:
-                for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base_lr
+            group_start = iteration - iteration % accumulate_steps
+            group_size = min(accumulate_steps, num_batches - group_start)
+            last_in_group = iteration == group_start + group_size - 1
             images, targets = _to_device(images, targets, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
+            no_sync = getattr(model, "no_sync", None)
+            with contextlib.nullcontext() if last_in_group or no_sync is None else no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_dict = model(images, targets)
+                loss = sum(loss_dict.values())
+                # one collective per batch: every process's loss terms (and a NaN anywhere reaches all of them)
+                terms = torch.stack([v.detach().float() for v in loss_dict.values()] + [loss.detach().float()])
+                per_rank = distributed.all_gather_tensor(terms)
+                names = names or [*loss_dict.keys(), "loss"]
+                _check_finite(per_rank, names, epoch, iteration)
+                (scaler.scale(loss / group_size) if scaler is not None else loss / group_size).backward()
+            if last_in_group:
+                last_lr = optimizer.param_groups[0]["lr"]
+                _optimizer_step(model, optimizer, scaler, clip_grad_norm)
+                optimizer_steps += 1
+                if lr_scheduler is not None:
+                    lr_scheduler.step()
 
-            # one collective per step: every process's loss terms (and a NaN anywhere reaches all of them)
-            terms = torch.stack([v.detach().float() for v in loss_dict.values()] + [loss.detach().float()])
-            per_rank = distributed.all_gather_tensor(terms)
-            if names is None:
-                names = [*loss_dict.keys(), "loss"]
-            if not torch.isfinite(per_rank).all():
-                bad_ranks = [r for r in range(per_rank.shape[0]) if not torch.isfinite(per_rank[r]).all()]
-                where = f" on process {', '.join(map(str, bad_ranks))}" if world_size > 1 else ""
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, iteration {iteration}{where}: "
-                    f"{_format_terms(names, per_rank[bad_ranks[0]].tolist())}; training stopped, the last "
-                    "checkpoint is untouched (try a lower --lr, --clip-grad-norm or --warmup-iters)"
-                )
             mean_terms = per_rank.mean(dim=0).cpu()
-
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-                optimizer.step()
-
             sums = mean_terms if sums is None else sums + mean_terms
             steps += 1
             images_seen += len(images) * world_size
-            if iteration % print_freq == 0 or iteration == len(bar) - 1:
+            if iteration % print_freq == 0 or iteration == num_batches - 1:
+                running = {name: value / steps for name, value in zip(names, sums.tolist())}
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{sums[-1].item() / steps:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.6f}",
+                bar.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{last_lr:.6f}",
                                 img_s=f"{images_seen / max(elapsed, 1e-9):.1f}", refresh=False)
-    finally:
-        bar.close()
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr
+                if on_log is not None:
+                    on_log(iteration, {**running, "lr": last_lr})
     elapsed = time.perf_counter() - start
     if steps == 0:
         raise ValueError("the training data loader yielded no batch")
     means = {name: value / steps for name, value in zip(names, sums.tolist())}
-    return {"loss": means.pop("loss"), **means, "images_per_s": images_seen / max(elapsed, 1e-9),
-            "epoch_time_s": elapsed}
+    return {"loss": means.pop("loss"), **means, "lr": last_lr, "optimizer_steps": optimizer_steps,
+            "images_per_s": images_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
 
 
 @torch.inference_mode()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from backbone import WeightsError
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, save_label_json
 from network_files import build_model, load_detector_weights, resolve_config
-from train_utils import distributed, engine, plots, results
+from train_utils import distributed, engine, plots, results, schedule
 from train_utils.args import UserError, model_config_from_args, print_error
 from train_utils.checkpoint import (
     CheckpointError,
@@ -49,30 +49,43 @@ USER_ERRORS = (UserError, DatasetError, CheckpointError, WeightsError)
 ARGS_JSON = "args.json"
 LABELS_JSON = "labels.json"
 BEST_CHECKPOINT = "best.pth"
+LR_SCHEDULE_PER_STEP = "per_step"  # checkpoints' lr_scheduler counts optimizer steps (older ones counted epochs)
 
 
-def lr_factor(epoch: int, scheduler: str, epochs: int, steps: tuple[int, ...], gamma: float) -> float:
-    """The lr of ``epoch`` relative to ``--lr``: cosine from 1 towards 0 over ``epochs``, or ``gamma`` to the number
-    of ``steps`` reached."""
-    if scheduler == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
-    return gamma ** sum(epoch >= step for step in steps)
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, start_epoch: int = 0):
-    """Per-epoch ``LambdaLR`` in closed form (``lr_factor``), positioned at ``start_epoch``."""
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    factor = functools.partial(lr_factor, scheduler=args.lr_scheduler, epochs=args.epochs,
-                               steps=tuple(args.lr_steps), gamma=args.lr_gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_epoch - 1)
-
-
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if args.opt == "adamw":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def total_batch(args: argparse.Namespace, world_size: int) -> int:
+    """Images per optimizer step over all processes: processes x ``-b`` x ``--accumulate-steps``."""
+    return world_size * args.batch_size * args.accumulate_steps
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> tuple[float, str]:
+    """The base lr and a line saying where it came from (``--lr``, or 0.02 per 4 images scaled to the total batch)."""
+    batch = total_batch(args, world_size)
+    if args.lr is not None:
+        return args.lr, f"lr {args.lr:g} (--lr) for a total batch of {batch}"
+    lr = schedule.scaled_lr(batch)
+    return lr, (f"lr {lr:g}: {schedule.REFERENCE_LR:g} per {schedule.REFERENCE_BATCH} images scaled to a total "
+                f"batch of {batch} ({world_size} process(es) x -b {args.batch_size} x --accumulate-steps "
+                f"{args.accumulate_steps}); --lr sets it")
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int,
+                  start_epoch: int = 0):
+    """The run's per-step lr schedule (``train_utils.schedule``), placed at ``start_epoch``, and its warmup length in
+    optimizer steps."""
+    total_steps = args.epochs * steps_per_epoch
+    warmup = schedule.default_warmup_iters(total_steps) if args.warmup_iters is None else args.warmup_iters
+    lr_scheduler = schedule.make_lr_scheduler(
+        optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, warmup_iters=warmup,
+        warmup_factor=args.warmup_factor, scheduler=args.lr_scheduler, lr_steps=args.lr_steps, gamma=args.lr_gamma,
+        start_step=start_epoch * steps_per_epoch)
+    return lr_scheduler, warmup
 
 
 def seed_everything(seed: int, stream: int, rank: int) -> None:
@@ -150,13 +163,8 @@ def _strip_record(record: dict[str, Any]) -> dict[str, Any]:
             for k, v in record.items()}
 
 
-def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
-    """Train (or evaluate with ``--test-only``); raises the project's errors."""
-
-    def log(message: str) -> None:
-        if info.is_main:
-            print(message, flush=True)
-
+def _prepare(args: argparse.Namespace, info: DistInfo, log):
+    """Checkpoint, start epoch, datasets, seed and model (on no device yet)."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     start_epoch = int(checkpoint["epoch"]) + 1 if checkpoint is not None else 0
     if args.start_epoch is not None:
@@ -170,8 +178,18 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         args.seed = ckpt_seed if ckpt_seed is not None else distributed.broadcast_object(
             int.from_bytes(os.urandom(4), "little"))
     seed_everything(args.seed, 0, info.rank)
-
     model, config = build(args, val_ds.num_classes, checkpoint, log)
+    return checkpoint, start_epoch, train_ds, val_ds, model, config
+
+
+def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
+    """Train (or evaluate with ``--test-only``); raises the project's errors."""
+
+    def log(message: str) -> None:
+        if info.is_main:
+            print(message, flush=True)
+
+    checkpoint, start_epoch, train_ds, val_ds, model, config = _prepare(args, info, log)
     model.to(device)
     if args.amp is None:  # the reference setup trains with AMP; on the CPU float16 autocast is far slower
         args.amp = device.type == "cuda"
@@ -185,41 +203,22 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         amp_dtype=amp_dtype, mask_threshold=args.mask_thresh, min_overlap_area=config.min_overlap_area,
         show_progress=info.is_main,
     )
-
     if args.test_only:
         record = evaluate(model)
         if info.is_main:
             txt, _ = write_record(record, output_dir)
             log(f"{format_summary(record)}\nrecord written to {txt}")
         return
-
-    if args.sync_bn and info.distributed:
-        if device.type != "cuda":
-            raise UserError("--sync-bn needs GPUs (torch synchronises batch norm on CUDA devices only)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-    if info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model_without_ddp, args)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    best_ap = None
-    if checkpoint is not None:
-        try:
-            best_ap = resume_training_state(checkpoint, optimizer, scaler)
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{args.resume}: cannot resume its optimizer state with --opt {args.opt}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        log(f"resumed from {args.resume} (epoch {checkpoint['epoch']}); continuing at epoch {start_epoch}")
-    # the schedule is closed-form in the epoch, so placing it at start_epoch equals loading its saved state
-    lr_scheduler = make_lr_scheduler(optimizer, args, start_epoch)
-
     train_loader = _loader(
         train_ds,
         batch_sampler=train_batch_sampler(len(train_ds), train_ds.aspect_ratios(), args.batch_size,
                                           args.aspect_ratio_group_factor, info.world_size, info.rank, args.seed),
         workers=args.workers, device=device,
     )
+    model, model_without_ddp = _wrap(model, args, info, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    optimizer, lr_scheduler, best_ap = _optimization(model_without_ddp, args, info, len(train_loader), checkpoint,
+                                                     scaler, log, start_epoch)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / ARGS_JSON).write_text(json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
@@ -227,20 +226,14 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
             f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "
             f"output in {output_dir}")
-
-    # default: the first epoch, at most 1000 iterations (the reference setup); an explicit N may span epochs
-    warmup_iters = min(1000, len(train_loader) - 1) if args.warmup_iters is None else args.warmup_iters
     for epoch in range(start_epoch, args.epochs):
         train_loader.batch_sampler.set_epoch(epoch)
         seed_everything(args.seed, epoch + 1, info.rank)
-        lr = optimizer.param_groups[0]["lr"]
         stats = engine.train_one_epoch(
-            model, optimizer, train_loader, device, epoch, scaler=scaler, amp_dtype=amp_dtype,
-            warmup_iters=warmup_iters, warmup_start_factor=args.warmup_factor,
-            iteration_offset=epoch * len(train_loader), clip_grad_norm=args.clip_grad_norm,
+            model, optimizer, train_loader, device, epoch, lr_scheduler=lr_scheduler, scaler=scaler,
+            amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm, accumulate_steps=args.accumulate_steps,
             print_freq=args.print_freq, show_progress=info.is_main,
         )
-        lr_scheduler.step()
         record = None
         if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
             eval_start = time.perf_counter()
@@ -251,23 +244,77 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         if improved:
             best_ap = segm_ap
         if info.is_main:
-            _write_epoch(output_dir, epoch, lr, stats, record)
             state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, config, val_ds,
                                      best_ap)
-            save_checkpoint(state, output_dir / f"model_{epoch}.pth")
-            if improved:
-                save_checkpoint(state, output_dir / BEST_CHECKPOINT)
-            prune_checkpoints(output_dir, args.keep_last)
-            plots.plot_all(results.read_jsonl(output_dir / results.METRICS_JSONL), output_dir)
-            summary = f"  |  {format_summary(record)}" if record else ""
-            log(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {lr:.6f}  {stats['images_per_s']:.1f} img/s  "
-                f"{stats['epoch_time_s']:.0f} s{summary}")
+            _end_epoch(output_dir, epoch, stats, record, state, improved, args.keep_last, log)
 
 
-def resume_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,
-                          scaler: torch.amp.GradScaler | None) -> float | None:
-    """Load the optimizer (with the run's base lr, ``initial_lr``), scaler and RNG states; returns the best segm AP."""
+def _wrap(model: torch.nn.Module, args: argparse.Namespace, info: DistInfo, device: torch.device):
+    """``(model to train, the bare model)``: SyncBatchNorm and DistributedDataParallel in a distributed job."""
+    if args.sync_bn and info.distributed:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs (torch synchronises batch norm on CUDA devices only)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not info.distributed:
+        return model, model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None), model
+
+
+def _optimization(model: torch.nn.Module, args: argparse.Namespace, info: DistInfo, batches_per_epoch: int,
+                  checkpoint: dict[str, Any] | None, scaler, log, start_epoch: int = 0):
+    """The optimizer and per-step lr schedule, resumed from ``checkpoint``; the best segm AP so far.
+
+    The resolved lr and warmup are written back into ``args``, so ``args.json`` records what ran.
+    """
+    lr, lr_line = resolve_lr(args, info.world_size)
+    optimizer = make_optimizer(model, args, lr)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulate_steps)
+    lr_scheduler, warmup = make_schedule(optimizer, args, steps_per_epoch, 0 if checkpoint else start_epoch)
+    log(f"{lr_line}; {args.lr_scheduler} schedule over {args.epochs} epochs of {steps_per_epoch} optimizer step(s), "
+        f"warmup {warmup} step(s), gradient clipping {args.clip_grad_norm or 'off'}")
+    best_ap = None
+    if checkpoint is not None:
+        try:
+            best_ap = resume_training_state(checkpoint, optimizer, lr_scheduler, scaler, steps_per_epoch)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{args.resume}: cannot resume its optimizer state with --opt {args.opt}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        saved_lr = lr_scheduler.base_lrs[0]
+        if not math.isclose(saved_lr, lr, rel_tol=1e-9):
+            schedule.set_base_lr(optimizer, lr_scheduler, lr)
+            log(f"resuming with base lr {lr:g} instead of the checkpoint's {saved_lr:g}")
+        log(f"resumed from {args.resume} (epoch {checkpoint['epoch']}, optimizer step {lr_scheduler.last_epoch})")
+    args.lr, args.warmup_iters = lr, warmup
+    return optimizer, lr_scheduler, best_ap
+
+
+def _end_epoch(output_dir: Path, epoch: int, stats: dict[str, float], record: dict | None, state: dict[str, Any],
+               improved: bool, keep_last: int, log) -> None:
+    """Process 0's writes after an epoch: result lines, checkpoints, plots, and the progress line."""
+    _write_epoch(output_dir, epoch, stats, record)
+    save_checkpoint(state, output_dir / f"model_{epoch}.pth")
+    if improved:
+        save_checkpoint(state, output_dir / BEST_CHECKPOINT)
+    prune_checkpoints(output_dir, keep_last)
+    plots.plot_all(results.read_jsonl(output_dir / results.METRICS_JSONL), output_dir)
+    summary = f"  |  {format_summary(record)}" if record else ""
+    log(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.6f}  {stats['images_per_s']:.1f} img/s  "
+        f"{stats['epoch_time_s']:.0f} s{summary}")
+
+
+def resume_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer, lr_scheduler,
+                          scaler: torch.amp.GradScaler | None, steps_per_epoch: int) -> float | None:
+    """Load the optimizer, lr schedule, scaler and RNG states; returns the best segm AP.
+
+    A checkpoint from before the per-step schedule (``lr_schedule`` absent) is placed at its epoch's first step.
+    """
     optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("lr_schedule") == LR_SCHEDULE_PER_STEP:
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    else:
+        lr_scheduler.last_epoch = (int(checkpoint["epoch"]) + 1) * steps_per_epoch
+        schedule.set_base_lr(optimizer, lr_scheduler, optimizer.param_groups[0].get("initial_lr", lr_scheduler.base_lrs[0]))
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     # CUDA states are left out: their number depends on the machine, and every epoch reseeds all devices
@@ -282,6 +329,7 @@ def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: a
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
+        "lr_schedule": LR_SCHEDULE_PER_STEP,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
         "args": dict(vars(args)),
@@ -293,15 +341,15 @@ def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: a
     }
 
 
-def _write_epoch(output_dir: Path, epoch: int, lr: float, stats: dict[str, float], record: dict | None) -> None:
+def _write_epoch(output_dir: Path, epoch: int, stats: dict[str, float], record: dict | None) -> None:
     """The epoch's lines in det/seg_results.txt (when evaluated) and its metrics.jsonl record."""
     if record is not None:
         for iou_type, name in (("bbox", results.DET_RESULTS), ("segm", results.SEG_RESULTS)):
             if record.get(iou_type):
-                line = results.format_epoch_line(epoch, record[iou_type]["stats"], stats["loss"], lr)
+                line = results.format_epoch_line(epoch, record[iou_type]["stats"], stats["loss"], stats["lr"])
                 results.write_epoch_line(output_dir / name, epoch, line)
     results.append_jsonl(output_dir / results.METRICS_JSONL,
-                         {"epoch": epoch, "lr": lr, **stats, **_strip_record(record or {})})
+                         {"epoch": epoch, **stats, **_strip_record(record or {})})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,308 @@
+"""Accuracy side by side: stock torchvision Mask R-CNN, our ``maskrcnn`` and our ``dacseg``, trained with the same
+data, seed, recipe and budget, scored on BioImLab val with our evaluator.
+
+    python bench/bench_accuracy.py --preset cpu                 # at most ~40 minutes on 2 CPU cores
+    python bench/bench_accuracy.py --preset gpu                 # at most ~9 minutes on one H100/H200
+    python bench/bench_accuracy.py --preset cpu --seeds 0 1     # and the spread between seeds
+
+BioImLab is read from ``../shared/data/bioimlab`` (labelme) or ``--data-path`` (labelme root, or a COCO-layout root
+with ``train`` / ``val`` splits) and converted into a temporary folder. ``stock`` is
+``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)``, trained
+through its own forward. All three go through the same loop (``train_utils.engine.train_one_epoch``), the same
+per-step schedule (``train_utils.schedule``: SGD, momentum 0.9, wd 1e-4, linear warmup from 0.001x, cosine to 0,
+gradient norms clipped at 10), the same flips, and the same evaluation (``train_utils.engine.evaluate``).
+
+The budget is optimizer steps (``--budget-iters``) or wall-clock seconds of training (``--budget-s``): with seconds,
+the first steps measure the speed and the schedule is laid over the steps that fit, so a faster pipeline trains
+more steps. The ``cpu`` preset trains on random crops at the original scale (the models skip their resize in
+training) and evaluates whole val images at their own size, with fewer sampled RoIs; it is a small-budget signal,
+not the reference run. The ``gpu`` preset is the reference recipe (whole images, min-size 800, batch 4, AMP) on a
+shorter budget.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from my_dataset_chromosome import ChromosomeDataset  # noqa: E402
+from network_files import build_model, resolve_config  # noqa: E402
+from network_files.config import ModelConfig  # noqa: E402
+from tools.labelme2coco import convert_labelme  # noqa: E402
+from train_utils import engine, schedule  # noqa: E402
+from train_utils.args import ArgumentParser  # noqa: E402
+from train_utils.samplers import train_batch_sampler  # noqa: E402
+from train_utils.trainer import seed_everything  # noqa: E402
+from transforms import get_transform  # noqa: E402
+
+MODELS = ("stock", "maskrcnn", "dacseg")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bioimlab"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One comparison's settings; every model gets exactly these."""
+
+    batch_size: int
+    lr: float
+    budget_iters: int | None
+    budget_s: float | None
+    warmup_iters: int
+    min_size: int
+    max_size: int
+    crop_size: int | None = None
+    rois_per_image: int = 512
+    train_images: int | None = None  # the first N train images (None: all)
+    amp: bool = False
+    overlap_cls_head: str = "conv"
+
+
+PRESETS = {
+    # 2 CPU cores: ~10 minutes of training a model on 256 px crops at the original scale, batch 2
+    "cpu": Preset(batch_size=2, lr=0.02, budget_iters=160, budget_s=None, warmup_iters=30, min_size=576,
+                  max_size=768, crop_size=256, rois_per_image=128),
+    # one H100/H200: the reference recipe, ~2.3 minutes of training a model (the reference trained 6.5)
+    "gpu": Preset(batch_size=4, lr=0.02, budget_iters=None, budget_s=140.0, warmup_iters=300, min_size=800,
+                  max_size=1333, amp=True),
+}
+
+
+@dataclass
+class Outcome:
+    model: str
+    seed: int
+    steps: int
+    train_s: float
+    images_per_s: float
+    record: dict[str, Any] = field(repr=False)
+    wall_s: float = 0.0
+
+
+class Steps:
+    """The first ``count`` batches of repeated passes over ``loader`` (the sampler's epoch advances each pass)."""
+
+    def __init__(self, loader: DataLoader, count: int, first_pass: int = 0) -> None:
+        self.loader, self.count, self.passes = loader, count, first_pass
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        def batches() -> Iterable:
+            while True:
+                self.loader.batch_sampler.set_epoch(self.passes)
+                self.passes += 1
+                yield from self.loader
+
+        return itertools.islice(batches(), self.count)
+
+
+def prepare_data(source: Path, work: Path) -> Path:
+    """A COCO-layout root with ``train`` and ``val``: ``source`` itself, or its labelme folders converted."""
+    if (source / "annotations" / "instances_train.json").is_file():
+        return source
+    labelme = source / "labelme" if (source / "labelme").is_dir() else source
+    for split in ("train", "val"):
+        if not (labelme / split).is_dir():
+            raise SystemExit(f"bench_accuracy.py: error: {labelme / split}: no such folder (need train/ and val/)")
+        convert_labelme([labelme / split], work, split=split)
+    return work
+
+
+def make_model(name: str, preset: Preset, num_classes: int) -> torch.nn.Module:
+    """Stock torchvision's Mask R-CNN, or ours as ``train.py`` builds it from scratch."""
+    if name == "stock":
+        model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=preset.min_size,
+            max_size=preset.max_size, box_batch_size_per_image=preset.rois_per_image)
+    else:
+        config = ModelConfig(name=name, num_classes=num_classes, min_size=preset.min_size, max_size=preset.max_size,
+                             rois_per_image=preset.rois_per_image, overlap_cls_head=preset.overlap_cls_head)
+        model = build_model(resolve_config(config, pretrained=False))
+    # crops are trained at the original scale; torchvision's transform has this switch for training only
+    model.transform._skip_resize = preset.crop_size is not None
+    return model
+
+
+def train_model(model: torch.nn.Module, preset: Preset, train_ds: ChromosomeDataset, device: torch.device,
+                seed: int, workers: int) -> tuple[int, float, float]:
+    """Train within the preset's budget; returns (optimizer steps, training seconds, images/s)."""
+    loader = DataLoader(
+        train_ds, batch_sampler=train_batch_sampler(len(train_ds), train_ds.aspect_ratios(), preset.batch_size, 3,
+                                                    seed=seed),
+        num_workers=workers, collate_fn=engine.collate_fn, pin_memory=device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=preset.lr, momentum=0.9, weight_decay=1e-4)
+    amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype is not None else None
+    seed_everything(seed, 1, 0)
+    start = time.perf_counter()
+    probe_steps = 0
+    total = preset.budget_iters
+    if total is None:  # a time budget: measure the speed on the warmup's first steps, then fit the schedule to it
+        probe_steps = min(preset.warmup_iters, 20)
+        total = 10 ** 9
+    lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=total, steps_per_epoch=len(loader),
+                                              warmup_iters=preset.warmup_iters)
+    steps = Steps(loader, probe_steps or total)
+    kwargs = dict(lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=10.0,
+                  print_freq=10, show_progress=True)
+    engine.train_one_epoch(model, optimizer, steps, device, 0, **kwargs)
+    if probe_steps:
+        _synchronize(device)
+        per_step = (time.perf_counter() - start) / probe_steps
+        total = max(probe_steps + 1, int(preset.budget_s / per_step))
+        kwargs["lr_scheduler"] = schedule.make_lr_scheduler(optimizer, total_steps=total, steps_per_epoch=len(loader),
+                                                            warmup_iters=preset.warmup_iters, start_step=probe_steps)
+        engine.train_one_epoch(model, optimizer, Steps(loader, total - probe_steps, steps.passes), device, 1, **kwargs)
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return total, seconds, total * preset.batch_size / seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.device, workers: int) -> Outcome:
+    wall = time.perf_counter()
+    train_ds = ChromosomeDataset(data, "train", transforms=get_transform("flip", train=True,
+                                                                          crop_size=preset.crop_size))
+    if preset.train_images is not None:
+        train_ds.ids = train_ds.ids[:preset.train_images]
+    val_ds = ChromosomeDataset(data, "val", transforms=get_transform("none", train=False))
+    seed_everything(seed, 0, 0)
+    model = make_model(name, preset, val_ds.num_classes).to(device)
+    steps, train_s, rate = train_model(model, preset, train_ds, device, seed, workers)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=engine.collate_fn)
+    amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
+    record = engine.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
+                             label_names=val_ds.label_names, amp_dtype=amp_dtype, show_progress=True)
+    return Outcome(name, seed, steps, train_s, rate, record, time.perf_counter() - wall)
+
+
+COLUMNS = (  # (header, getter of a record)
+    ("AP", lambda r: r["segm"]["AP"]),
+    ("AP50", lambda r: r["segm"]["AP50"]),
+    ("AP75", lambda r: r["segm"]["AP75"]),
+    ("P", lambda r: r["precision"]),
+    ("R", lambda r: r["recall"]),
+    ("F1", lambda r: r["f1"]),
+    ("ovl AP", lambda r: r["overlap_segm"]["AP"]),
+    ("ovl R", lambda r: r["overlap_segm"]["recall"]),
+    ("cnt MAE", lambda r: r["count_mae"]),
+)
+
+
+def values(outcome: Outcome) -> list[float]:
+    return [get(outcome.record) for _, get in COLUMNS] + [outcome.images_per_s, outcome.wall_s]
+
+
+def format_table(outcomes: list[Outcome]) -> str:
+    """A Markdown table: one row per model (mean over seeds, then the max-min spread when there are several)."""
+    headers = [h for h, _ in COLUMNS] + ["img/s", "wall s"]
+    lines = ["| model | seeds | steps | " + " | ".join(headers) + " |", "|---" * (len(headers) + 3) + "|"]
+    for name in MODELS:
+        runs = [o for o in outcomes if o.model == name]
+        if not runs:
+            continue
+        columns = list(zip(*(values(o) for o in runs)))
+        means = [statistics.fmean(c) for c in columns]
+        cells = [f"{m:.3f}" if i < len(COLUMNS) else f"{m:.1f}" for i, m in enumerate(means)]
+        if len(runs) > 1:
+            cells = [f"{cell} ±{(max(c) - min(c)) / 2:.3f}" if i < len(COLUMNS) else cell
+                     for i, (cell, c) in enumerate(zip(cells, columns))]
+        seeds = ",".join(str(o.seed) for o in runs)
+        lines.append(f"| {name} | {seeds} | {runs[0].steps} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_ratios(outcomes: list[Outcome]) -> str:
+    """ours / stock and dacseg / maskrcnn for AP, AP50, overlap AP, overlap recall and images/s (seed means)."""
+    def mean(name: str, index: int) -> float | None:
+        runs = [values(o)[index] for o in outcomes if o.model == name]
+        return statistics.fmean(runs) if runs else None
+
+    picks = {"AP": 0, "AP50": 1, "ovl AP": 6, "ovl R": 7, "img/s": len(COLUMNS)}
+    lines = []
+    for top, bottom in (("maskrcnn", "stock"), ("dacseg", "stock"), ("dacseg", "maskrcnn")):
+        parts = []
+        for label, index in picks.items():
+            a, b = mean(top, index), mean(bottom, index)
+            if a is None or b is None:
+                break
+            parts.append(f"{label} {a / b:.3f}" if b else f"{label} n/a (0)")
+        else:
+            lines.append(f"ratio {top} / {bottom}: " + "  ".join(parts))
+    return "\n".join(lines)
+
+
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="settings (default: %(default)s)")
+    parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA,
+                        help="BioImLab labelme root or a COCO-layout root (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to train")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; several print the spread")
+    parser.add_argument("--budget-iters", type=int, default=None, help="optimizer steps (overrides the preset)")
+    parser.add_argument("--budget-s", type=float, default=None, help="training seconds (overrides the preset)")
+    parser.add_argument("--train-images", type=int, default=None, help="train on the first N images only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the outcomes as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.budget_iters is not None or args.budget_s is not None:
+        preset = Preset(**{**preset.__dict__, "budget_iters": args.budget_iters, "budget_s": args.budget_s})
+    if args.train_images is not None:
+        preset = Preset(**{**preset.__dict__, "train_images": args.train_images})
+    if not args.data_path.is_dir():
+        print(f"bench_accuracy.py: error: --data-path {args.data_path}: no such folder", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = False  # a new RoI count every step: benchmark mode is far slower here
+    print(f"# bench_accuracy --preset {args.preset}: {preset}\n# device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+          f", torch {torch.__version__}, torchvision {torchvision.__version__}", flush=True)
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as work:
+        data = prepare_data(args.data_path, Path(work))
+        for seed in args.seeds:
+            for name in args.models:
+                outcome = run_one(name, seed, preset, data, device, args.workers)
+                outcomes.append(outcome)
+                print(f"{name} seed {seed}: {outcome.steps} steps in {outcome.train_s:.0f} s, "
+                      + "  ".join(f"{h} {v:.3f}" for (h, _), v in zip(COLUMNS, values(outcome))), flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(format_table(outcomes))
+    print(format_ratios(outcomes))
+    if args.out is not None:
+        args.out.write_text(json.dumps([{k: v for k, v in o.__dict__.items() if k != "record"}
+                                        | {"record": {k: v for k, v in o.record.items() if k not in ("bbox", "segm")}
+                                           | {"segm": {k: v for k, v in o.record["segm"].items()
+                                                       if k != "summary_lines"}}}
+                                        for o in outcomes], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
