@@ -106,3 +106,65 @@ def test_a_failing_process_ends_the_job(tiny_coco, tmp_path):
     log = run.stdout + run.stderr
     assert "[rank 1]" in log and "injected failure on rank 1" in log
     assert not (tmp_path / "out" / "model_0.pth").exists()
+
+
+ACCUMULATION_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {repo!r})
+from torch import nn
+from train_utils import distributed, engine
+
+info, device = distributed.init_distributed("cpu", 60)
+torch.manual_seed(1)
+samples = [(torch.randn(3, 1, 1), {{"y": torch.randn(())}}) for _ in range(8)]
+torch.manual_seed(0)
+
+
+class Fit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, images, targets):
+        x = torch.stack([image.flatten() for image in images])
+        y = torch.stack([t["y"] for t in targets])
+        return {{"loss_fit": ((self.lin(x).squeeze(1) - y) ** 2).mean()}}
+
+
+model = Fit()
+bare = model
+if info.distributed:  # rank r takes samples r, r + 2, ...: per step, the same 4 samples as one process's batch
+    model = nn.parallel.DistributedDataParallel(model)
+    mine = samples[info.rank::2]
+else:
+    mine = samples
+batch = {batch}
+loader = [engine.collate_fn(mine[i:i + batch]) for i in range(0, len(mine), batch)]
+optimizer = torch.optim.SGD(bare.parameters(), lr=0.1)
+stats = engine.train_one_epoch(model, optimizer, loader, device, 0, accumulate_steps={accumulate},
+                               show_progress=False)
+if info.rank == 0:
+    torch.save({{"weights": [p.detach() for p in bare.parameters()], "steps": stats["optimizer_steps"]}}, {out!r})
+distributed.shutdown(0)
+"""
+
+
+def test_accumulation_under_ddp_equals_one_process_with_the_total_batch(tmp_path):
+    """2 processes x -b 1 x 2 accumulated batches = one process with batches of 4: the same weights after 2 steps."""
+    import torch
+
+    results = {}
+    for name, batch, accumulate, distributed in (("ddp", 1, 2, True), ("single", 4, 1, False)):
+        script = tmp_path / f"{name}.py"
+        out = tmp_path / f"{name}.pt"
+        script.write_text(ACCUMULATION_SCRIPT.format(repo=str(REPO), batch=batch, accumulate=accumulate, out=str(out)))
+        if distributed:
+            run = torchrun(script, [], timeout=200)
+        else:
+            run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=200)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        results[name] = torch.load(out, weights_only=True)
+    assert results["ddp"]["steps"] == results["single"]["steps"] == 2
+    for a, b in zip(results["ddp"]["weights"], results["single"]["weights"]):
+        assert torch.allclose(a, b, atol=1e-6)

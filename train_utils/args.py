@@ -242,6 +242,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="evaluate every N epochs and after the last (default: %(default)s)")
     group.add_argument("--output-dir", default="./save_weights", metavar="DIR",
                        help="where checkpoints, result files and plots go (default: %(default)s)")
+    group.add_argument("--tensorboard", action="store_true",
+                       help="also log the loss terms, lr and validation record for TensorBoard (needs the "
+                            "tensorboard package)")
+    group.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                       help="where --tensorboard writes (default: OUTPUT_DIR/tensorboard)")
     group.add_argument("--keep-last", type=_number(int, low=0), default=3, metavar="N",
                        help="keep the newest N model_<epoch>.pth (best.pth always kept; 0 keeps all) "
                             "(default: %(default)s)")

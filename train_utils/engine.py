@@ -93,7 +93,8 @@ def train_one_epoch(
     ``lr_scheduler`` is stepped after every optimizer step; ``clip_grad_norm`` (0 or None: off) and the float16
     ``scaler`` act once per optimizer step. A non-finite loss on any process raises ``NonFiniteLossError`` on every
     process before the group's optimizer step, so the weights stay those of the last good step. Every
-    ``print_freq`` batches ``on_log(iteration, values)`` gets the running means and the lr.
+    ``print_freq`` batches ``on_log(iteration, values)`` gets that batch's loss terms (averaged over processes) and
+    the lr of the last optimizer step.
     """
     model.train()
     world_size = distributed.get_world_size()
@@ -139,7 +140,7 @@ def train_one_epoch(
                 bar.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{last_lr:.6f}",
                                 img_s=f"{images_seen / max(elapsed, 1e-9):.1f}", refresh=False)
                 if on_log is not None:
-                    on_log(iteration, {**running, "lr": last_lr})
+                    on_log(iteration, {**dict(zip(names, mean_terms.tolist())), "lr": last_lr})
     elapsed = time.perf_counter() - start
     if steps == 0:
         raise ValueError("the training data loader yielded no batch")

@@ -43,6 +43,7 @@ from train_utils.checkpoint import (
 from train_utils.distributed import DistInfo
 from train_utils.record import format_summary, write_record
 from train_utils.samplers import ShardSampler, train_batch_sampler
+from train_utils.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 from transforms import get_transform
 
 USER_ERRORS = (UserError, DatasetError, CheckpointError, WeightsError)
@@ -219,6 +220,10 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     optimizer, lr_scheduler, best_ap = _optimization(model_without_ddp, args, info, len(train_loader), checkpoint,
                                                      scaler, log, start_epoch)
+    batches = len(train_loader)
+    board = None
+    if args.tensorboard and info.is_main:  # before the first step: a missing package is a one-line error
+        board = TensorBoardLog(args.tensorboard_dir or output_dir / TENSORBOARD_DIR, purge_step=start_epoch * batches)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / ARGS_JSON).write_text(json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
@@ -226,13 +231,31 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
             f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "
             f"output in {output_dir}")
+    try:
+        _train_epochs(args, info, device, model, model_without_ddp, optimizer, lr_scheduler, scaler, amp_dtype,
+                      train_loader, evaluate, start_epoch, best_ap, config, val_ds, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _train_epochs(args, info, device, model, model_without_ddp, optimizer, lr_scheduler, scaler, amp_dtype,
+                  train_loader, evaluate, start_epoch, best_ap, config, val_ds, board) -> None:
+    """Epochs ``start_epoch .. --epochs - 1``: train, evaluate, and (process 0) write everything."""
+    batches, output_dir = len(train_loader), Path(args.output_dir)
     for epoch in range(start_epoch, args.epochs):
         train_loader.batch_sampler.set_epoch(epoch)
         seed_everything(args.seed, epoch + 1, info.rank)
+
+        def on_log(iteration: int, values: dict[str, float], first: int = epoch * batches) -> None:
+            if board is not None:
+                board.iteration(first + iteration, values)
+
         stats = engine.train_one_epoch(
-            model, optimizer, train_loader, device, epoch, lr_scheduler=lr_scheduler, scaler=scaler,
-            amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm, accumulate_steps=args.accumulate_steps,
-            print_freq=args.print_freq, show_progress=info.is_main,
+            model, optimizer, train_loader, device, epoch, lr_scheduler=lr_scheduler,
+            scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm,
+            accumulate_steps=args.accumulate_steps, print_freq=args.print_freq, show_progress=info.is_main,
+            on_log=on_log,
         )
         record = None
         if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
@@ -246,7 +269,9 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         if info.is_main:
             state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, config, val_ds,
                                      best_ap)
-            _end_epoch(output_dir, epoch, stats, record, state, improved, args.keep_last, log)
+            _end_epoch(output_dir, epoch, stats, record, state, improved, args.keep_last)
+            if board is not None:
+                board.epoch((epoch + 1) * batches - 1, stats, record)
 
 
 def _wrap(model: torch.nn.Module, args: argparse.Namespace, info: DistInfo, device: torch.device):
@@ -290,7 +315,7 @@ def _optimization(model: torch.nn.Module, args: argparse.Namespace, info: DistIn
 
 
 def _end_epoch(output_dir: Path, epoch: int, stats: dict[str, float], record: dict | None, state: dict[str, Any],
-               improved: bool, keep_last: int, log) -> None:
+               improved: bool, keep_last: int) -> None:
     """Process 0's writes after an epoch: result lines, checkpoints, plots, and the progress line."""
     _write_epoch(output_dir, epoch, stats, record)
     save_checkpoint(state, output_dir / f"model_{epoch}.pth")
@@ -299,8 +324,8 @@ def _end_epoch(output_dir: Path, epoch: int, stats: dict[str, float], record: di
     prune_checkpoints(output_dir, keep_last)
     plots.plot_all(results.read_jsonl(output_dir / results.METRICS_JSONL), output_dir)
     summary = f"  |  {format_summary(record)}" if record else ""
-    log(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.6f}  {stats['images_per_s']:.1f} img/s  "
-        f"{stats['epoch_time_s']:.0f} s{summary}")
+    print(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.6f}  {stats['images_per_s']:.1f} img/s  "
+        f"{stats['epoch_time_s']:.0f} s{summary}", flush=True)
 
 
 def resume_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer, lr_scheduler,

@@ -1,0 +1,63 @@
+"""bench/bench_accuracy.py's pieces that need no training: presets, the crop transform it trains on, the table and
+the ratios it prints."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from my_dataset_chromosome import ChromosomeDataset
+from transforms import get_transform
+
+_SPEC = importlib.util.spec_from_file_location("bench_accuracy", Path(__file__).resolve().parents[1] / "bench" /
+                                               "bench_accuracy.py")
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_accuracy"] = bench  # dataclasses look their module up
+_SPEC.loader.exec_module(bench)
+
+
+def _record(ap: float, overlap_recall: float) -> dict:
+    return {"segm": {"AP": ap, "AP50": 2 * ap, "AP75": ap / 2}, "precision": 0.5, "recall": 0.6, "f1": 0.55,
+            "overlap_segm": {"AP": ap / 4, "recall": overlap_recall}, "count_mae": 3.0}
+
+
+def test_table_has_a_row_per_model_with_the_seed_spread_and_ratios():
+    outcomes = [bench.Outcome("stock", 0, 10, 5.0, 2.0, _record(0.2, 0.4), 9.0),
+                bench.Outcome("stock", 1, 10, 5.0, 2.0, _record(0.3, 0.4), 9.0),
+                bench.Outcome("maskrcnn", 0, 10, 5.0, 4.0, _record(0.25, 0.5), 9.0),
+                bench.Outcome("maskrcnn", 1, 10, 5.0, 4.0, _record(0.25, 0.5), 9.0)]
+    table = bench.format_table(outcomes).splitlines()
+    assert table[0].startswith("| model | seeds | steps | AP | AP50 |") and len(table) == 4
+    assert table[2].startswith("| stock | 0,1 | 10 | 0.250 ±0.050 | 0.500 ±0.100 |")
+    assert table[3].startswith("| maskrcnn | 0,1 | 10 | 0.250 ±0.000 |")
+    ratios = bench.format_ratios(outcomes)
+    assert ratios == "ratio maskrcnn / stock: AP 1.000  AP50 1.000  ovl AP 1.000  ovl R 1.250  img/s 2.000"
+
+
+def test_presets_fit_their_hardware_budget():
+    cpu, gpu = bench.PRESETS["cpu"], bench.PRESETS["gpu"]
+    assert cpu.budget_iters and cpu.crop_size and not cpu.amp
+    assert gpu.budget_s and 3 * gpu.budget_s <= 9 * 60 * 0.8 and gpu.amp and gpu.batch_size == 4
+    assert gpu.warmup_iters == 300 and gpu.min_size == 800  # the reference recipe
+
+
+def test_crops_keep_whole_masks_and_tight_boxes(tiny_coco):
+    torch.manual_seed(0)
+    dataset = ChromosomeDataset(tiny_coco, "train", transforms=get_transform("flip", train=True, crop_size=96))
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        assert image.shape[-2:] == (96, 96) and target["masks"].shape[-2:] == (96, 96)
+        masks = target["masks"].bool()
+        assert masks.flatten(1).any(1).all()  # instances cut away entirely are dropped
+        for mask, box in zip(masks, target["boxes"]):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert len(target["labels"]) == len(masks) == len(target["boxes"])
+
+
+def test_prepare_data_refuses_a_folder_without_splits(tmp_path):
+    with pytest.raises(SystemExit, match="need train/ and val/"):
+        bench.prepare_data(tmp_path, tmp_path / "work")
