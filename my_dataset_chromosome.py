@@ -42,6 +42,10 @@ class DatasetError(ValueError):
     """Bad dataset input; the message is one line naming the file or id at fault."""
 
 
+class MaskMismatchWarning(UserWarning):
+    """An annotation's JSON ``bbox`` or ``area`` disagrees with its mask; the mask's are used."""
+
+
 class DegenerateAnnotationWarning(UserWarning):
     """Some polygons or masks could not be used and were skipped (one warning per dataset)."""
 
@@ -179,6 +183,21 @@ def _load_json(path: Path) -> dict[str, Any]:
         if not isinstance(doc.setdefault(key, []), list):
             raise DatasetError(f"{path}: \"{key}\" must be a list")
     return doc
+
+
+def _disagrees_with_mask(ann: dict[str, Any], bbox: list[float], area: float) -> bool:
+    """Whether the JSON box is off the mask's by more than a pixel, or the JSON area by more than a one-pixel rim."""
+    given_box, given_area = ann.get("bbox"), ann.get("area")
+    if isinstance(given_box, list) and len(given_box) == 4:
+        try:
+            if max(abs(float(a) - b) for a, b in zip(given_box, bbox)) > 1.0:
+                return True
+        except (TypeError, ValueError):
+            return True
+    if isinstance(given_area, (int, float)):
+        rim = 2.0 * (bbox[2] + bbox[3])  # a one-pixel band around the box: rasterising a polygon moves its edge
+        return abs(float(given_area) - area) > max(rim, 1.0)
+    return False
 
 
 class _SkipCounter:
@@ -340,16 +359,29 @@ class ChromosomeDataset(torch.utils.data.Dataset):
                     isinstance(v, (int, float)) and v > 0 and float(v).is_integer() for v in sizes):
                 raise DatasetError(
                     f"{self.ann_file}: image id {image_id} needs \"file_name\", \"width\" and \"height\"")
+            name = Path(img["file_name"])
+            if name.is_absolute() or ".." in name.parts:
+                raise DatasetError(f"{self.ann_file}: image id {image_id} has file_name {img['file_name']!r}, which "
+                                   f"points outside {self.images_dir}; file names are relative to it")
             self._images[image_id] = {**img, "width": int(sizes[0]), "height": int(sizes[1])}
 
         skipped = _SkipCounter()
         self._instances: dict[int, list[dict[str, Any]]] = {i: [] for i in self._images}
         kept_annotations = []
-        for ann in doc["annotations"]:
-            ann_id = ann.get("id") if isinstance(ann, dict) else None
-            where = f"{self.ann_file}: annotation {ann_id}"
+        seen_ids: set[int] = set()
+        mismatched = 0
+        for number, ann in enumerate(doc["annotations"]):
             if not isinstance(ann, dict):
                 raise DatasetError(f"{self.ann_file}: annotation entry {ann!r} is not an object")
+            ann_id = ann.get("id")
+            if not isinstance(ann_id, int) or isinstance(ann_id, bool):
+                raise DatasetError(f"{self.ann_file}: annotation number {number + 1} (image id {ann.get('image_id')}) "
+                                   "has no integer \"id\"")
+            if ann_id in seen_ids:
+                raise DatasetError(f"{self.ann_file}: duplicate annotation id {ann_id} (COCO evaluation indexes "
+                                   "annotations by id)")
+            seen_ids.add(ann_id)
+            where = f"{self.ann_file}: annotation {ann_id}"
             img = self._images.get(ann.get("image_id"))
             if img is None:
                 raise DatasetError(f"{where} points at unknown image id {ann.get('image_id')}")
@@ -359,10 +391,12 @@ class ChromosomeDataset(torch.utils.data.Dataset):
             if rle is None:
                 skipped.dropped_annotations += 1
                 continue
+            # the mask is the one truth: training boxes come from it, so evaluation's box and area do too
             area = float(mask_utils.area(rle))
-            kept = {**ann, "segmentation": segmentation, "area": ann.get("area", area),
+            bbox = [float(v) for v in mask_utils.toBbox(rle)]
+            mismatched += _disagrees_with_mask(ann, bbox, area)
+            kept = {**ann, "segmentation": segmentation, "area": area, "bbox": bbox,
                     "iscrowd": int(ann.get("iscrowd", 0) or 0)}
-            kept.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
             kept_annotations.append(kept)
             if kept["iscrowd"]:
                 continue
@@ -375,6 +409,10 @@ class ChromosomeDataset(torch.utils.data.Dataset):
             })
         if skipped.reasons:
             warnings.warn(skipped.message(self.ann_file), DegenerateAnnotationWarning, stacklevel=3)
+        if mismatched:
+            warnings.warn(f"{self.ann_file}: {mismatched} annotation(s) have a \"bbox\" or \"area\" that disagrees "
+                          "with their mask by more than a pixel; the mask's box and area are used",
+                          MaskMismatchWarning, stacklevel=3)
         self.coco = _quiet_coco({**doc, "annotations": kept_annotations})
 
     def __len__(self) -> int:
@@ -383,6 +421,11 @@ class ChromosomeDataset(torch.utils.data.Dataset):
     def aspect_ratios(self) -> list[float]:
         """Width / height of each item, from the JSON (no image decoding); for aspect-ratio grouping."""
         return [self._images[i]["width"] / self._images[i]["height"] for i in self.ids]
+
+    @property
+    def num_instances(self) -> int:
+        """Instances (not crowd) over the dataset's images."""
+        return sum(len(self._instances[i]) for i in self.ids)
 
     def image_path(self, index: int) -> Path:
         """Where item ``index``'s image file is (not checked)."""

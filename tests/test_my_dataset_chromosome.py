@@ -330,6 +330,52 @@ def test_malformed_entries_name_the_id(tmp_path, images, annotations, pattern):
         load(tmp_path)
 
 
+def _edit_annotations(path: Path, edit) -> None:
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def test_annotation_ids_must_exist_and_be_unique(tmp_path):
+    """pycocotools indexes annotations by id: a missing id was a KeyError, a duplicate one a silently wrong AP."""
+    anns = [{"image_id": 1, "segmentation": [square(1, 1, 9, 9)]}, {"image_id": 1, "segmentation": [square(20, 5, 30, 15)]}]
+    path = write_coco(tmp_path, "train", [image_entry()], anns)
+    _edit_annotations(path, lambda doc: doc["annotations"][1].pop("id"))
+    with pytest.raises(DatasetError, match=r"annotation number 2 \(image id 1\) has no integer \"id\""):
+        load(tmp_path)
+    _edit_annotations(path, lambda doc: doc["annotations"][1].update(id=1))
+    with pytest.raises(DatasetError, match=r"duplicate annotation id 1 "):
+        load(tmp_path)
+
+
+def test_the_mask_decides_box_and_area_and_a_disagreeing_file_is_named(tmp_path):
+    anns = [{"image_id": 1, "segmentation": [square(2, 2, 12, 8)], "bbox": [2, 2, 10, 6], "area": 60.0},
+            {"image_id": 1, "segmentation": [square(20, 5, 30, 15)], "bbox": [0, 0, 40, 30], "area": 5.0}]
+    write_coco(tmp_path, "train", [image_entry()], anns)
+    with pytest.warns(UserWarning, match=r"instances_train\.json: 1 annotation\(s\) have a \"bbox\" or \"area\" that "
+                                        r"disagrees with their mask"):
+        dataset = load(tmp_path)
+    for ann in dataset.coco.loadAnns(dataset.coco.getAnnIds()):
+        rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], H, W))
+        assert ann["bbox"] == [float(v) for v in mask_utils.toBbox(rle)]
+        assert ann["area"] == float(mask_utils.area(rle))
+    assert dataset.coco.loadAnns(2)[0]["bbox"] == [20.0, 5.0, 10.0, 10.0]
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "sub/../../x.png"])
+def test_file_names_stay_inside_the_images_folder(tmp_path, name):
+    write_coco(tmp_path, "train", [{**image_entry(), "file_name": name}], [], make_files=False)
+    with pytest.raises(DatasetError, match=r"points outside .*images; file names are relative to it"):
+        load(tmp_path)
+
+
+def test_num_instances_counts_what_training_sees(tmp_path):
+    path = write_coco(tmp_path, "train", [image_entry()], [{"image_id": 1, "segmentation": [square(1, 1, 9, 9)]}])
+    assert load(tmp_path).num_instances == 1
+    _edit_annotations(path, lambda doc: doc.pop("annotations"))
+    assert load(tmp_path).num_instances == 0
+
+
 # ---------------------------------------------------------------- images
 
 

@@ -161,3 +161,11 @@ def test_model_flag_checks_the_checkpoint(tiny_coco, maskrcnn_ckpt, tmp_path, ca
     assert run(maskrcnn_ckpt, tmp_path / "wrong", image, extra=("--model", "dacseg")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--model dacseg" in err and "holds a maskrcnn model" in err
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("a file where the folder should go")
+    assert run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_001.png") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"--output-dir {out} is a file, not a folder"), err

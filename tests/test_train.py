@@ -173,6 +173,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(run_two_epochs, tiny_coc
     ("classes", "--num-classes 3"),
     ("checkpoint", "checkpoint not found"),
     ("weights", "loss_overlap"),  # a DaCSeg term weighted in a plain Mask R-CNN: say so, don't ignore it
+    ("no_annotations", "no annotated instances to train on"),
+    ("output_file", "is a file, not a folder"),
 ])
 def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys, setup, expected):
     data, extra = tiny_coco, []
@@ -184,12 +186,20 @@ def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys, setup, expected):
         extra = ["--num-classes", "3"]
     elif setup == "weights":
         extra = ["--loss-weights", "loss_overlap=2"]
+    elif setup == "output_file":
+        (tmp_path / "out").write_text("not a folder")
+    elif setup == "no_annotations":
+        data = tmp_path / "data"
+        shutil.copytree(tiny_coco, data)
+        doc = json.loads((data / "annotations" / "instances_train.json").read_text())
+        del doc["annotations"]
+        (data / "annotations" / "instances_train.json").write_text(json.dumps(doc))
     else:
         extra = ["--resume", str(tmp_path / "none.pth")]
     assert train.main(tiny_args(data, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").is_dir()
 
 
 def test_script_help_and_bad_flag():

@@ -41,6 +41,7 @@ from my_dataset_chromosome import DatasetError, load_label_json, read_image
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
 from train_utils.coco_results import outputs_to_coco_results
+from train_utils.results import prepare_output_dir
 from train_utils.visualize import draw_instances
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -228,11 +229,10 @@ def predict_files(
 
     An unreadable image is reported on stderr and skipped (listed under ``failed``); the others go on.
     """
-    output_dir = Path(output_dir)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = prepare_output_dir(output_dir)
     except OSError as exc:
-        raise InferenceError(f"cannot create output folder {output_dir}: {exc.strerror or exc}") from exc
+        raise InferenceError(str(exc)) from None
     summary = PredictionSummary()
     results: list[dict[str, Any]] = []
     stems = output_stems(paths)

@@ -24,6 +24,30 @@ METRICS_JSONL = "metrics.jsonl"
 _EPOCH = re.compile(r"^epoch:(\d+) ")
 
 
+def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
+    """Create ``path`` if need be and check that files can be written in it; raises ``OSError`` with one line
+    naming the flag and the folder (a file in the way, no permission, a read-only disk)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+    return path
+
+
+def remove_unfinished_writes(output_dir: Path) -> list[Path]:
+    """Delete the ``*.tmp`` files an interrupted atomic write left behind (the finished files are intact)."""
+    removed = sorted(output_dir.glob("*.pth.tmp"))
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def format_epoch_line(epoch: int, stats12: Sequence[float], mean_loss: float, lr: float) -> str:
     """One results line (no newline) in the seeds' format."""
     stats = [float(s) for s in stats12]

@@ -42,6 +42,7 @@ from train_utils.checkpoint import (
 )
 from train_utils.distributed import DistInfo
 from train_utils.record import format_summary, write_record
+from train_utils.results import prepare_output_dir
 from train_utils.samplers import ShardSampler, train_batch_sampler
 from train_utils.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 from transforms import get_transform
@@ -121,6 +122,11 @@ def load_datasets(args: argparse.Namespace) -> tuple[ChromosomeDataset | None, C
         raise UserError(f"categories differ between {train_ds.ann_file} and {val_ds.ann_file}")
     if len(train_ds) == 0:
         raise UserError(f"{train_ds.ann_file} has no images to train on")
+    if train_ds.num_instances == 0:
+        raise UserError(f"{train_ds.ann_file} has no annotated instances to train on (its \"annotations\" list is "
+                        "empty or missing)")
+    if val_ds.num_instances == 0:
+        print(f"warning: {val_ds.ann_file} has no annotated instances; its AP will read -1", flush=True)
     return train_ds, val_ds
 
 
@@ -220,12 +226,18 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     optimizer, lr_scheduler, best_ap = _optimization(model_without_ddp, args, info, len(train_loader), checkpoint,
                                                      scaler, log, start_epoch)
+    if info.is_main:
+        try:
+            prepare_output_dir(output_dir)
+        except OSError as exc:
+            raise UserError(str(exc)) from None
+        for path in results.remove_unfinished_writes(output_dir):
+            log(f"removed {path}, left by an interrupted checkpoint write")
     batches = len(train_loader)
     board = None
     if args.tensorboard and info.is_main:  # before the first step: a missing package is a one-line error
         board = TensorBoardLog(args.tensorboard_dir or output_dir / TENSORBOARD_DIR, purge_step=start_epoch * batches)
     if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / ARGS_JSON).write_text(json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
         save_label_json(val_ds.label_names, output_dir / LABELS_JSON)
         log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
