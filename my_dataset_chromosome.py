@@ -34,6 +34,7 @@ from pycocotools.coco import COCO
 from torchvision import io as tv_io
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
+from tqdm import tqdm
 
 UPSTREAM_IMAGES_DIR = "imgb"
 
@@ -421,6 +422,26 @@ class ChromosomeDataset(torch.utils.data.Dataset):
     def aspect_ratios(self) -> list[float]:
         """Width / height of each item, from the JSON (no image decoding); for aspect-ratio grouping."""
         return [self._images[i]["width"] / self._images[i]["height"] for i in self.ids]
+
+    def check_images(self, show_progress: bool = True) -> None:
+        """Cheaply check every image before training: the file exists and its header says the JSON's size.
+
+        Raises ``DatasetError`` naming the first bad image (a corrupt body is found only when it is decoded).
+        """
+        for image_id in tqdm(self.ids, desc=f"checking {self.split} images", unit="img", leave=False,
+                             disable=None if show_progress else True):
+            info = self._images[image_id]
+            path = self.images_dir / info["file_name"]
+            if not path.is_file():
+                raise DatasetError(f"image not found: {path} (image id {image_id} in {self.ann_file})")
+            try:
+                with Image.open(path) as img:
+                    size = img.size
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
+            if size != (info["width"], info["height"]):
+                raise DatasetError(f"image {path} is {size[0]}x{size[1]} but {self.ann_file} says "
+                                   f"{info['width']}x{info['height']} (image id {image_id})")
 
     @property
     def num_instances(self) -> int:

@@ -202,6 +202,26 @@ def test_user_errors_are_one_line(tiny_coco, tmp_path, capsys, setup, expected):
     assert not (tmp_path / "out").is_dir()
 
 
+@pytest.mark.parametrize("split, workers", [("train", "1"), ("val", "0")])
+def test_a_broken_image_is_one_line_under_loader_workers(tiny_coco, tmp_path, capsys, split, workers):
+    """A truncated train image is found by a DataLoader worker (torch wraps its error in the worker's traceback);
+    a val image that is not an image is found by the check before the first step."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_coco, data)
+    broken = data / "images" / f"{split}_001.png"
+    if split == "train":
+        broken.write_bytes(broken.read_bytes()[:120])  # the header survives, the pixels do not
+    else:
+        broken.write_text("not a picture")
+    argv = tiny_args(data, tmp_path / "out", "--epochs", "1")
+    argv[argv.index("--workers") + 1] = workers
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot read image {broken}"), err
+    assert "Traceback" not in err and "worker" not in err
+    assert not list((tmp_path / "out").glob("*.pth"))
+
+
 def test_script_help_and_bad_flag():
     def start(*argv):
         return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,

@@ -316,7 +316,17 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
         raise UserError(str(exc)) from None
 
 
+def one_line(message: object) -> str:
+    """The message on one line; an error raised in a DataLoader worker, which torch re-raises with the worker's
+    traceback as its message, is reduced to the original error's own message."""
+    text = str(message)
+    if "Original Traceback (most recent call last)" in text:
+        last = text.rstrip().splitlines()[-1]  # "module.ErrorClass: the message"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def print_error(message: object, prog: str | None = None) -> None:
     """Print ``error: <message>`` (one line) to stderr."""
-    text = " ".join(str(message).split())
+    text = one_line(message)
     print(f"{prog + ': ' if prog else ''}error: {text}", file=sys.stderr, flush=True)

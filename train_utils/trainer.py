@@ -29,7 +29,7 @@ from backbone import WeightsError
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, save_label_json
 from network_files import build_model, load_detector_weights, resolve_config
 from train_utils import distributed, engine, plots, results, schedule
-from train_utils.args import UserError, model_config_from_args, print_error
+from train_utils.args import UserError, model_config_from_args, one_line, print_error
 from train_utils.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -179,6 +179,9 @@ def _prepare(args: argparse.Namespace, info: DistInfo, log):
     if not args.test_only and start_epoch >= args.epochs:
         raise UserError(f"--epochs {args.epochs}: nothing left to train from epoch {start_epoch}; ask for more epochs")
     train_ds, val_ds = load_datasets(args)
+    for dataset in (train_ds, val_ds):  # a broken val image is found now, not after a whole training epoch
+        if dataset is not None:
+            dataset.check_images(show_progress=info.is_main)
     _label_maps(val_ds, checkpoint, args.resume)
     if args.seed is None:  # one seed for all processes, kept across resumes
         ckpt_seed = (checkpoint or {}).get("args", {}).get("seed")
@@ -402,7 +405,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(args, info, device)
     except USER_ERRORS as exc:
-        print_error(f"{prefix}{exc}")
+        print_error(f"{prefix}{one_line(exc)}")
         code = 2
     except engine.NonFiniteLossError as exc:
         print_error(f"{prefix}{exc}")
