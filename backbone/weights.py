@@ -99,16 +99,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 def describe_load_error(exc: BaseException) -> str:
-    """torch.load's errors are long and suggest ``weights_only=False``; keep the part that says what is wrong."""
+    """torch.load's errors are long and advise the unsafe ``weights_only=False``; say what is wrong instead."""
     text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        after = text.split("WeightsUnpickler error:", 1)[1]
-        detail = next((line.strip() for line in after.splitlines() if line.strip()), "").split(". Please")[0]
-        if detail.startswith("Unsupported global"):
-            return f"it holds pickled objects that weights_only loading refuses ({detail}); save a state_dict instead"
-        return f"not a PyTorch weights file ({detail})"
+    if "Weights only load failed" in text or "WeightsUnpickler error:" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line.upper() or line.startswith("Unsupported")),
+                      next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines
+                            if "WeightsUnpickler error:" in line), ""))
+        detail = detail.split(". Please")[0].split(" whose module")[0].rstrip(".")
+        if "GLOBAL" in detail.upper():  # a class or function to import: code, not tensors
+            return (f"it holds code or objects that a weights file must not contain ({detail}); it was not loaded. "
+                    "A weights file is a state dict of tensors")
+        return f"not a PyTorch weights file ({detail or 'unreadable pickle'}); it was not loaded"
     if isinstance(exc, EOFError):
         return "the file is empty or truncated"
+    if isinstance(exc, (KeyError, IndexError, UnicodeDecodeError)) or "magic number" in text or "load key" in text:
+        return "not a PyTorch weights file (neither a torch.save zip archive nor a legacy pickle)"
     return _first_line(exc)
 
 

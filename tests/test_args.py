@@ -38,7 +38,8 @@ def test_defaults_are_the_reference_setup():
     assert (args.warmup_iters, args.warmup_factor, args.clip_grad_norm) == (None, 1e-3, 10.0)  # None: 300 or less
     assert args.accumulate_steps == 1 and args.rois_per_image == 512
     assert args.data_augmentation == "flip"
-    assert args.model == "maskrcnn" and args.num_classes is None
+    assert args.model is None and args.num_classes is None  # None: maskrcnn, or the checkpoint's on --resume
+    assert model_config_from_args(args).name == "maskrcnn"
     assert args.pretrained is None and args.pretrained_backbone is None  # from scratch unless weights are given
     assert args.trainable_backbone_layers is None and args.norm_layer is None  # resolve_config decides
     assert args.amp is None and args.amp_dtype == "float16"  # None: on for CUDA, off on the CPU

@@ -1,6 +1,8 @@
 """ResNet-FPN backbones: stages frozen, norm layers, and backbone weights from a local file or a weights name."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -128,12 +130,32 @@ def _write_empty(path):
     path.write_bytes(b"")
 
 
+class _Payload:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch /tmp/dacseg_pickle_payload_ran",)
+
+
+def _write_payload(path):
+    torch.save({"model": _Payload()}, path)
+
+
+def _write_notes(path):
+    path.write_text("notes about the run\nlr 0.02\n")
+
+
 @pytest.mark.parametrize("write, expected", [
     (None, "not found"),
     (_write_garbage, "not a PyTorch weights file"),
     (_write_list, "is not a state dict"),
-    (_write_module, "save a state_dict instead"),
+    (_write_module, "must not contain"),
     (_write_empty, "empty or truncated"),
+    (_write_payload, "holds code or objects that a weights file must not contain (Trying to load unsupported "
+                     "GLOBAL posix.system); it was not loaded"),
+    (_write_notes, "not a PyTorch weights file"),
 ])
 def test_bad_weights_file_gives_one_line_naming_it(tmp_path, write, expected):
     path = tmp_path / "bad.pth"
@@ -143,6 +165,8 @@ def test_bad_weights_file_gives_one_line_naming_it(tmp_path, write, expected):
         load_backbone_weights(resnet50(), path)
     message = str(info.value)
     assert str(path) in message and expected in message and "\n" not in message
+    assert "weights_only" not in message  # never torch's advice to load unsafely
+    assert not Path("/tmp/dacseg_pickle_payload_ran").exists()
 
 
 def test_unknown_weights_name_and_folder_are_refused(tmp_path):

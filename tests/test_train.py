@@ -112,6 +112,19 @@ def test_resume_repeats_the_uninterrupted_run(run_two_epochs, tiny_coco, tmp_pat
     assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_1.pth"]
 
 
+@pytest.mark.parametrize("flag, expected", [
+    (["--model", "dacseg"], "--model dacseg but "),
+    (["--loss-weights", "loss_mask=2"], "--loss-weights {'loss_mask': 2.0} but "),
+])
+def test_resume_refuses_model_flags_that_contradict_the_checkpoint(run_two_epochs, tiny_coco, tmp_path, capsys,
+                                                                  flag, expected):
+    argv = tiny_args(tiny_coco, tmp_path / "out", "--epochs", "3", "--resume", str(run_two_epochs / "model_1.pth"),
+                     *flag)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: " + expected), err
+
+
 def test_resume_honours_a_new_lr_and_says_so(run_two_epochs, tiny_coco, tmp_path, capsys):
     out = tmp_path / "new_lr"
     argv = tiny_args(tiny_coco, out, "--epochs", "2", "--resume", str(run_two_epochs / "model_0.pth"), seed=False)

@@ -137,8 +137,9 @@ def check_model_name(expected: str | None, config: ModelConfig, checkpoint_path:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags that become the ``ModelConfig`` (stored in every checkpoint) and the initial weights."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", choices=MODEL_NAMES, default="maskrcnn",
-                       help="plain Mask R-CNN or DaCSeg's overlap-aware heads (default: %(default)s)")
+    group.add_argument("--model", choices=MODEL_NAMES, default=None,
+                       help="plain Mask R-CNN or DaCSeg's overlap-aware heads (default: maskrcnn; with --resume the "
+                            "checkpoint's, and a different one is an error)")
     group.add_argument("--num-classes", type=_number(int, low=1), default=None, metavar="K",
                        help="object classes without background (default: the categories of the training data, "
                             "1 for a chromosome set); must match the data")
@@ -296,7 +297,7 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
     """
     try:
         return ModelConfig(
-            name=args.model,
+            name=args.model or "maskrcnn",
             num_classes=num_classes if num_classes is not None else (args.num_classes or 1),
             backbone=args.backbone,
             trainable_layers=args.trainable_backbone_layers,

@@ -146,6 +146,13 @@ def build(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any]
         config = config_from_checkpoint(checkpoint, args.resume)
         if config.num_classes != num_classes:
             raise UserError(f"{args.resume} has {config.num_classes} classes but the data has {num_classes}")
+        if args.model is not None and args.model != config.name:
+            raise UserError(f"--model {args.model} but {args.resume} holds a {config.name} model; a resume continues "
+                            "the checkpoint's model (drop --model, or train a new one without --resume)")
+        if args.loss_weights and args.loss_weights != config.loss_weights:
+            raise UserError(f"--loss-weights {args.loss_weights} but {args.resume} was trained with "
+                            f"{config.loss_weights or 'all weights 1'}; a resume keeps the checkpoint's")
+        args.model, args.loss_weights = config.name, dict(config.loss_weights)  # args.json records what runs
         return model_from_checkpoint(checkpoint, args.resume)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UserError(f"--num-classes {args.num_classes} but the data has {num_classes} categories")
