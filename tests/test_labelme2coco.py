@@ -97,6 +97,15 @@ def test_labels_order_and_unlisted_labels_are_skipped(tmp_path, capsys):
     assert "skipped 1 (label 'c' not in --labels): a.json" in capsys.readouterr().out
 
 
+def test_labels_matching_nothing_is_an_error_not_an_empty_split(tmp_path, capsys):
+    write_labelme(tmp_path / "a.json", [polygon(rect(2, 2, 12, 12))])
+    assert labelme2coco.main([str(tmp_path / "a.json"), "--out", str(tmp_path / "out"), "--labels", "foo,bar"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: nothing to write for split 'train': 1 image(s), 0 instance(s) with labels foo, bar; 1 "
+                   "skipped (label 'chr' not in --labels)"], err
+    assert not (tmp_path / "out" / "annotations" / "instances_train.json").exists()
+
+
 def test_shapes_sharing_a_group_id_become_one_multi_part_instance(tmp_path):
     shapes = [polygon(rect(2, 2, 10, 10), group_id=3), polygon(rect(30, 30, 40, 40), group_id=3),
               polygon(rect(50, 2, 60, 10), group_id=None), polygon(rect(50, 20, 60, 30), group_id=None)]

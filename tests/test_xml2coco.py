@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from my_dataset_chromosome import ChromosomeDataset
+from my_dataset_chromosome import ChromosomeDataset, DatasetError
 from tools import xml2coco
 
 H, W = 48, 64
@@ -135,8 +135,11 @@ def test_voc_object_masks_become_rle_instances(tmp_path, capsys):
 def test_voc_image_set_list_picks_the_split(tmp_path):
     voc = make_voc(tmp_path / "voc")
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000002\n")
-    summary = xml2coco.convert_xml(voc, tmp_path / "out", split="val")
-    assert summary.images == 0 and summary.skipped == {"image without a SegmentationObject PNG": 1}
+    # the val list names only 2007_000002, which has no SegmentationObject PNG: nothing to write is an error
+    with pytest.raises(DatasetError, match=r"nothing to write for split 'val': 0 image\(s\), 0 instance\(s\); 1 "
+                                           r"skipped \(image without a SegmentationObject PNG\)"):
+        xml2coco.convert_xml(voc, tmp_path / "out", split="val")
+    assert not (tmp_path / "out" / "annotations" / "instances_val.json").exists()
 
 
 def _error(argv: list[str], capsys) -> str:

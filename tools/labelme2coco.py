@@ -200,6 +200,11 @@ class CocoBuilder:
         summary = ConversionSummary(ann_file=self.out_dir / "annotations" / f"instances_{self.split}.json",
                                     images=len(self.images), skipped=self.skipped,
                                     skipped_examples=dict(self.skipped_examples))
+        if not self.images or not self.annotations:
+            reasons = "; ".join(f"{n} skipped ({reason})" for reason, n in sorted(self.skipped.items()))
+            wanted = f" with labels {', '.join(self.labels)}" if self.labels is not None else ""
+            raise DatasetError(f"nothing to write for split {self.split!r}: {len(self.images)} image(s), "
+                               f"{len(self.annotations)} instance(s){wanted}" + (f"; {reasons}" if reasons else ""))
         for ann in self.annotations:
             summary.instances[ann["category_id"]] += 1
             summary.overlapping += ann["overlapping"]
