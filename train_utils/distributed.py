@@ -107,6 +107,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process ``src``'s buffers (batch-norm running statistics): after a training step each process has
+    updated its own, and the evaluation and the checkpoint must see one model."""
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

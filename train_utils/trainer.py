@@ -279,6 +279,7 @@ def _train_epochs(args, info, device, model, model_without_ddp, optimizer, lr_sc
             accumulate_steps=args.accumulate_steps, print_freq=args.print_freq, show_progress=info.is_main,
             on_log=on_log,
         )
+        distributed.broadcast_buffers(model_without_ddp)  # process 0's BN statistics: the checkpointed model
         record = None
         if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
             eval_start = time.perf_counter()
