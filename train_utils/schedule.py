@@ -76,11 +76,8 @@ def make_lr_scheduler(
                                lr_steps=tuple(lr_steps), gamma=gamma)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
-    if start_step == 0:
-        return lr_scheduler
-    set_base_lr(optimizer, lr_scheduler, lr_scheduler.base_lrs[0])
-    return lr_scheduler
+    # LambdaLR's first step moves it from start_step - 1 to start_step and sets that step's lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
 def set_base_lr(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
