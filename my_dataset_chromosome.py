@@ -333,6 +333,9 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         raise DatasetError(f"no annotations for split {self.split!r}: neither {ours} nor {upstream} exists")
 
     def _index_categories(self, categories: list[dict[str, Any]]) -> None:
+        if not categories:
+            raise DatasetError(f"{self.ann_file} has no categories (its \"categories\" list is empty or missing); "
+                               "a model needs at least one, e.g. [{\"id\": 1, \"name\": \"chromosome\"}]")
         cat_ids = []
         names = {}
         for cat in categories:

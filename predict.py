@@ -4,7 +4,8 @@
 
 The model is rebuilt from the checkpoint alone. Writes ``P/<stem>_pred.png`` per image, ``P/predictions.json`` (COCO
 results) and ``P/images.json`` (image ids to files); see ``train_utils/inference.py`` for the formats. An unreadable
-image is reported and skipped; the others are predicted, and the exit status is then 2.
+image, or one too large for the memory, is reported and skipped; the others are predicted, and the exit status is
+then 2. The JSON files are complete after every image.
 """
 from __future__ import annotations
 
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{done} image(s), {summary.num_detections} detection(s), {mean_ms:.0f} ms per image; "
           f"results in {Path(args.output_dir) / 'predictions.json'}")
     if summary.failed:
-        names = ", ".join(f["file_name"] for f in summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else "")
-        print_error(f"{len(summary.failed)} of {len(paths)} image(s) could not be read: {names}")
+        names = ", ".join(Path(f["file_name"]).name for f in summary.failed[:5])
+        more = " ..." if len(summary.failed) > 5 else ""
+        print_error(f"{len(summary.failed)} of {len(paths)} image(s) could not be predicted: {names}{more} "
+                    f"(the reasons are in {Path(args.output_dir) / 'images.json'})")
         return 2
     return 0
 

@@ -12,12 +12,15 @@ from PIL import Image
 from network_files.config import ModelConfig
 from train_utils.inference import (
     InferenceError,
+    PredictionsWriter,
     expand_inputs,
-    keep_confident,
+    is_out_of_memory,
     label_maps,
     output_stems,
     overlap_map_images,
     overlay,
+    paste_detections,
+    predict_image,
     prepare_model,
     write_predictions,
 )
@@ -97,13 +100,8 @@ def hand_output(overlap_scores: list[float] | None = None) -> dict[str, torch.Te
     return out
 
 
-def test_keep_confident_filters_every_per_detection_entry():
-    out = keep_confident(hand_output([0.9, 0.2, 0.7]), 0.5)
-    assert out["scores"].tolist() == pytest.approx([0.9, 0.6])
-    assert out["boxes"].shape == (2, 4) and out["masks"].shape == (2, 1, H, W)
-    assert out["overlap_scores"].tolist() == pytest.approx([0.9, 0.2])
-    assert out["overlap_edge"].shape == (2, 1, H, W)
-    assert keep_confident(hand_output(), 0.95)["masks"].shape == (0, 1, H, W)
+def first(output: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    return {k: v[:count] for k, v in output.items()}
 
 
 def test_overlay_outlines_only_detections_predicted_overlapping():
@@ -116,19 +114,79 @@ def test_overlay_outlines_only_detections_predicted_overlapping():
     assert not np.all(unmarked == OVERLAP_COLOR, axis=-1).any()
     maskrcnn = np.asarray(overlay(image, hand_output(), names))
     assert not np.all(maskrcnn == OVERLAP_COLOR, axis=-1).any()
-    empty = overlay(image, keep_confident(hand_output([0.9, 0.9, 0.9]), 0.99), names, title="none")
+    empty = overlay(image, first(hand_output([0.9, 0.9, 0.9]), 0), names, title="none")
     assert empty.width >= W
 
 
-def test_overlap_maps_are_the_maximum_over_detections():
-    pictures = overlap_map_images(hand_output([0.9, 0.2, 0.1]), (H, W))
+def roi_output(overlap: bool = False) -> dict[str, torch.Tensor]:
+    """Five detections as the RoI heads return them: boxes at image size, ``[N, 1, 28, 28]`` mask probabilities."""
+    torch.manual_seed(0)
+    out = {
+        "boxes": torch.tensor([[5.0, 20, 39, 25], [18, 5, 23, 44], [50, 10, 55, 39], [0, 0, 63, 47], [30, 30, 31, 31]]),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]),
+        "labels": torch.ones(5, dtype=torch.int64),
+        "masks": torch.rand(5, 1, 28, 28),
+    }
+    if overlap:
+        for key in ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge"):
+            out[key] = torch.rand(5, 1, 28, 28)
+    return out
+
+
+@pytest.mark.parametrize("paste_bytes", [1, 2 * 4 * H * W, 10**9])  # one mask, two masks, all at once
+def test_pasting_in_pieces_gives_torchvisions_masks_as_bool(paste_bytes):
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    rois = roi_output(overlap=True)
+    out = paste_detections(rois, (H, W), mask_thresh=0.5, paste_bytes=paste_bytes)
+    full = paste_masks_in_image(rois["masks"], rois["boxes"], (H, W))
+    assert out["masks"].dtype == torch.bool and out["masks"].shape == (5, 1, H, W)
+    assert torch.equal(out["masks"], full > 0.5)
+    edge = paste_masks_in_image(rois["overlap_edge"], rois["boxes"], (H, W))[:, 0].amax(dim=0)
+    assert out["overlap_edge"].shape == (H, W) and torch.allclose(out["overlap_edge"], edge)
+    none = paste_detections(first(rois, 0), (H, W), paste_bytes=paste_bytes)
+    assert none["masks"].shape == (0, 1, H, W) and not none["overlap_mask"].any()
+
+
+@pytest.mark.parametrize("name", ["maskrcnn", "dacseg"])
+def test_predict_image_matches_the_models_own_forward(name):
+    from network_files import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(name=name, min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn",
+                         box_detections_per_img=5, overlap_cls_head="conv")
+    model = build_model(config).eval()
+    prepare_model(model, config, score_thresh=0.0)
+    image = torch.rand(3, 90, 120)
+    with torch.no_grad():
+        expected = model([image])[0]
+    output, seconds = predict_image(model, image, "cpu", mask_thresh=0.5, paste_bytes=1)
+    assert seconds > 0 and len(output["scores"]) == 5
+    assert torch.allclose(output["boxes"], expected["boxes"]) and torch.equal(output["labels"], expected["labels"])
+    assert torch.equal(output["masks"], expected["masks"] > 0.5)
+    if name == "dacseg":
+        assert torch.allclose(output["overlap_scores"], expected["overlap_scores"])
+
+
+def test_overlap_maps_are_grey_pictures_of_the_maximum():
+    rois = roi_output(overlap=True)
+    out = paste_detections(rois, (H, W))
+    pictures = overlap_map_images(out)
     assert set(pictures) == {"overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge"}
     grey = np.asarray(pictures["overlap_mask"])
     assert pictures["overlap_mask"].mode == "L" and grey.shape == (H, W)
-    assert grey[22, 20] == round(255 * 0.45)  # the crossing: max(0.9, 0.8) * 0.5
-    assert grey[30, 52] == round(255 * 0.35) and grey[0, 0] == 0
-    none = overlap_map_images(keep_confident(hand_output([0.9, 0.2, 0.1]), 0.99), (H, W))
+    assert np.array_equal(grey, (out["overlap_mask"] * 255).round().to(torch.uint8).numpy())
+    none = overlap_map_images(paste_detections(first(rois, 0), (H, W)))
     assert (np.asarray(none["overlap_edge"]) == 0).all() and none["overlap_edge"].size == (W, H)
+
+
+def test_out_of_memory_is_recognised_and_other_errors_are_not():
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 144000000 bytes."))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("shape '[2, 3]' is invalid for input of size 5"))
+    assert not is_out_of_memory(ValueError("out of memory"))
 
 
 def test_predictions_json_has_one_result_per_line(tmp_path):
@@ -151,6 +209,20 @@ def test_predictions_json_has_one_result_per_line(tmp_path):
     assert path.read_text() == "[]\n"
 
 
+def test_predictions_writer_leaves_a_whole_json_file_after_every_image(tmp_path):
+    path = tmp_path / "predictions.json"
+    writer = PredictionsWriter(path)
+    assert json.loads(path.read_text()) == []
+    seen = []
+    for image_id, count in [(1, 2), (2, 0), (3, 1)]:
+        batch = [{"image_id": image_id, "score": 0.5 + k / 10} for k in range(count)]
+        writer.add(batch)
+        seen += batch
+        assert json.loads(path.read_text()) == seen  # readable at every step, not only after close
+    writer.close()
+    assert path.read_text().count("\n") == len(seen) + 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # labels and model preparation
 
@@ -169,11 +241,12 @@ def test_label_maps_come_from_the_checkpoint_or_a_label_json(tmp_path):
         label_maps(checkpoint, config, wrong)
 
 
-def test_prepare_model_lowers_the_score_threshold_and_asks_for_maps():
+def test_prepare_model_sets_the_score_threshold_and_asks_for_maps():
     model = SimpleNamespace(roi_heads=SimpleNamespace(score_thresh=0.05, return_overlap_maps=False))
     prepare_model(model, ModelConfig(name="dacseg"), score_thresh=0.01, overlap_maps=True)
     assert model.roi_heads.score_thresh == 0.01 and model.roi_heads.return_overlap_maps
     prepare_model(model, ModelConfig(name="dacseg"), score_thresh=0.5)
-    assert model.roi_heads.score_thresh == 0.01 and not model.roi_heads.return_overlap_maps  # never raised
+    # raised too: detections below the threshold are dropped before their masks are pasted at full size
+    assert model.roi_heads.score_thresh == 0.5 and not model.roi_heads.return_overlap_maps
     with pytest.raises(InferenceError, match="DaCSeg"):
         prepare_model(model, ModelConfig(name="maskrcnn"), score_thresh=0.5, overlap_maps=True)

@@ -307,6 +307,15 @@ def test_annotation_pointing_at_unknown_image_names_both_ids(tmp_path):
         load(tmp_path)
 
 
+def test_a_file_without_categories_is_named(tmp_path):
+    path = write_coco(tmp_path, "train", [image_entry()], [], categories=[])
+    with pytest.raises(DatasetError, match=rf"{path.name} has no categories \(its \"categories\" list is empty or "):
+        load(tmp_path)
+    _edit_annotations(path, lambda doc: doc.pop("categories"))
+    with pytest.raises(DatasetError, match="has no categories"):
+        load(tmp_path)
+
+
 def test_unknown_category_names_annotation_and_category(tmp_path):
     write_coco(tmp_path, "train", [image_entry()],
                [{"id": 5, "image_id": 1, "category_id": 42, "segmentation": [square(1, 1, 5, 5)]}])

@@ -127,7 +127,8 @@ def test_an_unreadable_image_is_reported_and_the_others_predicted(tiny_coco, mas
     assert run(maskrcnn_ckpt, out, folder) == 2
     err = capsys.readouterr().err
     assert "warning: skipped" in err and "broken.png" in err
-    assert err.strip().splitlines()[-1].startswith("error: 1 of 2 image(s) could not be read:")
+    assert err.strip().splitlines()[-1] == (f"error: 1 of 2 image(s) could not be predicted: broken.png "
+                                            f"(the reasons are in {out / 'images.json'})")
     assert (out / "good_pred.png").is_file() and not (out / "broken_pred.png").exists()
     index = json.loads((out / "images.json").read_text())
     assert [i["id"] for i in index["images"]] == [2]
@@ -169,3 +170,52 @@ def test_an_output_dir_that_is_a_file_is_one_line(tiny_coco, maskrcnn_ckpt, tmp_
     assert run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_001.png") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(f"--output-dir {out} is a file, not a folder"), err
+
+
+def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_coco, maskrcnn_ckpt, tmp_path,
+                                                                          monkeypatch, capsys):
+    from train_utils import inference
+
+    real = inference.paste_detections
+
+    def paste(detections, size, *args, **kwargs):
+        if size == (6000, 6000):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 144000000 bytes.")
+        return real(detections, size, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "paste_detections", paste)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        (folder / name).write_bytes((tiny_coco / "images" / "val_001.png").read_bytes())
+    Image.new("L", (6000, 6000), 30).save(folder / "b_huge.png")
+    out = tmp_path / "pred"
+    assert run(maskrcnn_ckpt, out, folder) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory to predict this 6000x6000 image (" in err and "can't allocate memory" in err
+    index = json.loads((out / "images.json").read_text())
+    assert [i["id"] for i in index["images"]] == [1, 3]  # the images after it were predicted
+    assert [(f["id"], Path(f["file_name"]).name) for f in index["failed"]] == [(2, "b_huge.png")]
+    assert {r["image_id"] for r in read_lines_json(out / "predictions.json")} == {1, 3}
+
+
+def test_a_run_stopped_half_way_keeps_the_images_done(tiny_coco, maskrcnn_ckpt, tmp_path, monkeypatch):
+    from train_utils import inference
+
+    real, calls = inference.predict_image, []
+
+    def predict_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a crash) during the second image
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_image", predict_then_stop)
+    out = tmp_path / "pred"
+    with pytest.raises(KeyboardInterrupt):
+        run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_*.png")
+    index = json.loads((out / "images.json").read_text())
+    assert [i["id"] for i in index["images"]] == [1] and (out / f"{index['images'][0]['stem']}_pred.png").is_file()
+    results = read_lines_json(out / "predictions.json")
+    assert results and {r["image_id"] for r in results} == {1}

@@ -15,7 +15,7 @@ import torchvision.models.detection.roi_heads as tv_roi_heads
 from PIL import Image
 
 import train
-from train_utils import schedule
+from train_utils import engine, schedule
 from train_utils.checkpoint import load_checkpoint
 from train_utils.results import parse_epoch_line, read_jsonl
 
@@ -246,3 +246,37 @@ def test_script_help_and_bad_flag():
     out, err = failing.communicate(timeout=120)
     assert failing.returncode == 2 and out == ""
     assert err.splitlines() == ["train.py: error: argument --epochs: 'two' is not an integer"]
+
+
+def test_a_failure_during_evaluation_keeps_the_epoch_and_the_resume_evaluates_it(tiny_coco, tmp_path, monkeypatch,
+                                                                                capsys):
+    reference = tmp_path / "reference"
+    assert train.main(tiny_args(tiny_coco, reference, "--epochs", "1")) == 0
+    out = tmp_path / "out"
+    evaluate = engine.evaluate
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or anything else that stops the job, while evaluating
+
+    monkeypatch.setattr(engine, "evaluate", killed)
+    assert train.main(tiny_args(tiny_coco, out, "--epochs", "1")) == 130
+    pending = load_checkpoint(out / "model_0.pth")["pending_eval"]
+    assert pending["loss"] == read_jsonl(reference / "metrics.jsonl")[0]["loss"]  # the epoch's training is kept
+    assert not (out / "seg_results.txt").exists()
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    capsys.readouterr()
+    assert train.main(tiny_args(tiny_coco, out, "--epochs", "1", "--resume", str(out / "model_0.pth"))) == 0
+    assert "evaluating epoch 0 first" in capsys.readouterr().out
+    for name in ("det_results.txt", "seg_results.txt"):
+        assert _lines(out / name) == _lines(reference / name)
+    assert load_checkpoint(out / "model_0.pth").get("pending_eval") is None and (out / "best.pth").is_file()
+
+
+def test_resuming_with_another_optimizer_is_one_line(run_two_epochs, tiny_coco, tmp_path, capsys):
+    ckpt = run_two_epochs / "model_1.pth"
+    argv = tiny_args(tiny_coco, tmp_path / "out", "--epochs", "3", "--resume", str(ckpt), "--opt", "adamw")
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --opt adamw but {ckpt} was trained with --opt sgd, whose state cannot drive "
+                                "adamw; resume with --opt sgd (or start a new run)"]

@@ -18,7 +18,8 @@ def outputs_to_coco_results(
     ``segmentation`` (compressed RLE, ``counts`` as str) when the output has ``masks``, and
     ``overlap_score`` when it has ``overlap_scores`` (DaCSeg).
 
-    ``outputs`` are torchvision detection outputs at original image size: ``masks`` ``[N, 1, H, W]`` probabilities.
+    ``outputs`` are torchvision detection outputs at original image size: ``masks`` ``[N, 1, H, W]`` probabilities
+    (or bool, already thresholded).
     """
     results: list[dict[str, Any]] = []
     for output, image_id in zip(outputs, image_ids):
@@ -30,8 +31,12 @@ def outputs_to_coco_results(
         labels = output["labels"].detach().cpu().tolist()
         rles = None
         if "masks" in output:
-            binary = (output["masks"].detach()[:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
-            rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+            masks = output["masks"].detach()[:, 0].cpu()
+            rles = [  # one at a time: a copy of every mask at once would double a huge image's memory
+                mask_utils.encode(np.asfortranarray((m if m.dtype == torch.bool else m > mask_threshold).numpy()
+                                                    .astype(np.uint8)[:, :, None]))[0]
+                for m in masks
+            ]
         overlap = output.get("overlap_scores")
         overlap = overlap.detach().float().cpu().tolist() if overlap is not None else None
         for k in range(len(scores)):

@@ -121,6 +121,41 @@ def barrier() -> None:
         dist.barrier()
 
 
+FAILED_RANK_KEY = "dacseg/failed_rank"
+
+
+def _store():
+    """The process group's key-value store (torchrun's agent holds it, so it outlives any one process), or None."""
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if not is_initialized() or get_store is None:
+        return None
+    try:
+        return get_store()
+    except Exception:  # noqa: BLE001 - no store, no message; the caller falls back to the full report
+        return None
+
+
+def announce_failure(rank: int) -> None:
+    """Tell the other processes that process ``rank`` is failing (the first to announce is kept)."""
+    store = _store()
+    if store is not None:
+        try:
+            store.compare_set(FAILED_RANK_KEY, "", str(rank))
+        except Exception:  # noqa: BLE001 - best effort: the others then report their own error in full
+            pass
+
+
+def failed_rank() -> int | None:
+    """The process that announced a failure, if any: the cause of a collective that broke in this one."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        return int(store.get(FAILED_RANK_KEY)) if store.check([FAILED_RANK_KEY]) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def shutdown(exit_code: int) -> None:
     """Leave the job. After a failure this process exits at once with ``exit_code``: waiting for peers that may be
     stuck in a collective (or tearing down the group with them) could hang; torchrun then stops the others."""

@@ -15,7 +15,8 @@ What ``predict_files`` writes into the output folder:
   ``{"images": [{"id", "file_name", "width", "height", "stem", "num_detections", "num_overlapping",
   "inference_ms"}], "categories": [{"id", "name"}], "failed": [{"id", "file_name", "error"}]}``; ``file_name`` is
   the image's absolute path. ``image_id`` is the image's position in the expanded input
-  list, from 1 (an unreadable image keeps its number, under ``failed``).
+  list, from 1 (an image that could not be read, or not predicted in the memory there is, keeps its number, under
+  ``failed``). Both JSON files are complete after every image, so a run that is stopped keeps what it did.
 
 ``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
 front (``a__img``, ``b__img``) and, for one folder, the suffix behind (``img_png``, ``img_tif``), so no output
@@ -35,13 +36,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import resize_boxes
 from tqdm import tqdm
 
 from my_dataset_chromosome import DatasetError, load_label_json, read_image
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
+from train_utils.args import one_line
 from train_utils.coco_results import outputs_to_coco_results
-from train_utils.results import prepare_output_dir
+from train_utils.results import prepare_output_dir, replace_file
 from train_utils.visualize import draw_instances
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -132,33 +136,66 @@ def label_maps(
 
 
 def prepare_model(model: torch.nn.Module, config: ModelConfig, score_thresh: float, overlap_maps: bool = False) -> None:
-    """Let the model return detections down to ``score_thresh`` and, for DaCSeg, the auxiliary maps when asked."""
+    """Let the model return exactly the detections scoring at least ``score_thresh`` (so nothing below it is ever
+    pasted at full size) and, for DaCSeg, the auxiliary maps when asked."""
     if overlap_maps and config.name != "dacseg":
         raise InferenceError(f"overlap maps need a DaCSeg checkpoint; this one holds a {config.name} model")
-    model.roi_heads.score_thresh = min(float(model.roi_heads.score_thresh), score_thresh)
+    model.roi_heads.score_thresh = float(score_thresh)
     if config.name == "dacseg":
         model.roi_heads.return_overlap_maps = overlap_maps
 
 
+PASTE_BYTES = 256 * 2**20  # float memory for pasting masks at once; an image then needs ~N bytes per pixel on top
+
+
 @torch.inference_mode()
 def predict_image(
-    model: torch.nn.Module, image: torch.Tensor, device: torch.device | str
+    model: torch.nn.Module, image: torch.Tensor, device: torch.device | str, mask_thresh: float = 0.5,
+    paste_bytes: int = PASTE_BYTES,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Run the model on one ``[3, H, W]`` image; returns (its output on the CPU, seconds taken)."""
+    """Run the model on one ``[3, H, W]`` image; returns (its output on the CPU, seconds taken).
+
+    The steps of ``GeneralizedRCNN.forward``, but the masks are pasted by ``paste_detections``: ``masks`` come back
+    ``[N, 1, H, W]`` bool and DaCSeg's overlap maps (when asked) ``[H, W]``, the maximum over detections.
+    """
     device = torch.device(device)
     image = image.to(device)
     start = time.perf_counter()
-    output = model([image])[0]
+    batch, _ = model.transform([image])
+    features = model.backbone(batch.tensors)
+    proposals, _ = model.rpn(batch, features)
+    detections = model.roi_heads(features, proposals, batch.image_sizes)[0][0]
+    size = (int(image.shape[-2]), int(image.shape[-1]))
+    detections["boxes"] = resize_boxes(detections["boxes"], batch.image_sizes[0], size)
+    output = paste_detections(detections, size, mask_thresh, paste_bytes)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {k: v.cpu() for k, v in output.items()}, seconds
 
 
-def keep_confident(output: Mapping[str, torch.Tensor], score_thresh: float) -> dict[str, torch.Tensor]:
-    """The detections scoring at least ``score_thresh``, every per-detection entry kept in step."""
-    keep = output["scores"] >= score_thresh
-    return {k: v[keep] if v.ndim and v.shape[0] == keep.shape[0] else v for k, v in output.items()}
+def paste_detections(
+    detections: Mapping[str, torch.Tensor], size: tuple[int, int], mask_thresh: float = 0.5,
+    paste_bytes: int = PASTE_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Paste ``[N, 1, M, M]`` RoI masks (boxes already at ``size``) a few at a time, within ``paste_bytes`` of float:
+    ``masks`` becomes ``[N, 1, H, W]`` bool (probability > ``mask_thresh``), each overlap map ``[H, W]`` max over N."""
+    out = dict(detections)
+    boxes = detections["boxes"]
+    chunk = max(1, paste_bytes // (4 * size[0] * size[1]))
+    pieces = [slice(i, i + chunk) for i in range(0, len(boxes), chunk)]
+    if "masks" in detections:
+        masks = detections["masks"]
+        out["masks"] = torch.empty((len(boxes), 1, *size), dtype=torch.bool, device=masks.device)
+        for p in pieces:  # filled in place: a list of pieces and their concatenation would hold every mask twice
+            out["masks"][p] = paste_masks_in_image(masks[p], boxes[p], size) > mask_thresh
+    for key in OVERLAP_MAP_KEYS:
+        if key in detections:
+            best = torch.zeros(size, device=boxes.device)
+            for p in pieces:
+                best = torch.maximum(best, paste_masks_in_image(detections[key][p], boxes[p], size)[:, 0].amax(dim=0))
+            out[key] = best
+    return out
 
 
 def overlapping_detections(output: Mapping[str, torch.Tensor], overlap_thresh: float = 0.5) -> torch.Tensor | None:
@@ -182,25 +219,75 @@ def overlay(
         captions = [f"{label_names.get(int(lab), lab)} {s:.2f}" for lab, s in zip(labels, scores)]
     else:
         captions = [f"{s:.2f}" for s in scores]
-    masks = output["masks"][:, 0] > mask_thresh
+    masks = output["masks"][:, 0]
+    masks = masks if masks.dtype == torch.bool else masks > mask_thresh
     overlapping = overlapping_detections(output, overlap_thresh)
     return draw_instances(image, masks, output["boxes"], captions, overlapping, title=title)
 
 
-def overlap_map_images(output: Mapping[str, torch.Tensor], size: tuple[int, int]) -> dict[str, Image.Image]:
-    """Grey PNG-ready pictures of the four DaCSeg maps, max over detections (black without detections)."""
-    pictures = {}
-    for key in OVERLAP_MAP_KEYS:
-        maps = output[key]
-        probs = maps[:, 0].amax(dim=0) if maps.shape[0] else torch.zeros(size)
-        pictures[key] = Image.fromarray((probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
-    return pictures
+def overlap_map_images(output: Mapping[str, torch.Tensor]) -> dict[str, Image.Image]:
+    """Grey PNG-ready pictures of the four DaCSeg maps, each ``[H, W]`` (the max over detections, black without)."""
+    return {
+        key: Image.fromarray((output[key].clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L")
+        for key in OVERLAP_MAP_KEYS
+    }
+
+
+class PredictionsWriter:
+    """``predictions.json`` written as it grows: a JSON list, one COCO result object per line, closed after every
+    ``add``, so a crash or a kill keeps every image already predicted."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.file = open(path, "wb")
+        self.body_end, self.count = 1, 0  # the closing "]" starts after the "["
+        self.file.write(b"[]\n")
+        self.file.flush()
+
+    def add(self, results: Sequence[Mapping[str, Any]]) -> None:
+        if not results:
+            return
+        lines = ",\n".join(json.dumps(r, separators=(", ", ": ")) for r in results)
+        self.file.seek(self.body_end)
+        self.file.write((",\n" if self.count else "\n").encode() + lines.encode())
+        self.body_end, self.count = self.file.tell(), self.count + len(results)
+        self.file.write(b"\n]\n")
+        self.file.truncate()
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def write_predictions(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """``predictions.json``: a JSON list, one COCO result object per line."""
-    lines = ",\n".join(json.dumps(r, separators=(", ", ": ")) for r in results)
-    Path(path).write_text(f"[\n{lines}\n]\n" if results else "[]\n")
+    """``predictions.json`` in one go (the format of ``PredictionsWriter``)."""
+    writer = PredictionsWriter(path)
+    writer.add(results)
+    writer.close()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for the ways torch and Python report an allocation that failed (CPU or GPU)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _predict_and_draw(model, image, device, path: Path, prefix: Path, label_names, overlap_thresh: float,
+                      mask_thresh: float, save_overlap_maps: bool) -> tuple[dict[str, torch.Tensor], float, str]:
+    """Predict one image and write its pictures; returns (output, seconds, the counts caption)."""
+    output, seconds = predict_image(model, image, device, mask_thresh)
+    overlapping = overlapping_detections(output, overlap_thresh)
+    num = len(output["scores"])
+    counts = f"{num} detection{'s' if num != 1 else ''}"
+    if overlapping is not None:
+        counts += f", {int(overlapping.sum())} overlapping"
+    picture = overlay(image, output, label_names, overlap_thresh, f"{path.name}: {counts}", mask_thresh)
+    picture.save(f"{prefix}_pred.png")
+    if save_overlap_maps:
+        for key, grey in overlap_map_images(output).items():
+            grey.save(f"{prefix}_{key}.png")
+    return output, seconds, counts
 
 
 @dataclass
@@ -227,50 +314,61 @@ def predict_files(
 ) -> PredictionSummary:
     """Predict every image, write the files listed in the module docstring and print one line per image.
 
-    An unreadable image is reported on stderr and skipped (listed under ``failed``); the others go on.
+    An unreadable image, or one too large for the memory, is reported on stderr and skipped (listed under
+    ``failed``); the others go on. Both JSON files are complete after every image, so an interrupted run keeps
+    what it did.
     """
     try:
         output_dir = prepare_output_dir(output_dir)
     except OSError as exc:
         raise InferenceError(str(exc)) from None
     summary = PredictionSummary()
-    results: list[dict[str, Any]] = []
+    predictions = PredictionsWriter(output_dir / "predictions.json")
+    categories = [{"id": int(label_to_cat_id[k]), "name": label_names[k]} for k in sorted(label_names)]
+
+    def write_index() -> None:
+        index = {"images": summary.images, "categories": categories, "failed": summary.failed}
+        replace_file(output_dir / "images.json", json.dumps(index, indent=1) + "\n")
+
+    def skip(image_id: int, path: Path, error: str) -> None:
+        summary.failed.append({"id": image_id, "file_name": str(path.resolve()), "error": error})
+        tqdm.write(f"warning: skipped {path}: {error}", file=sys.stderr)
+        write_index()
+
+    write_index()
     stems = output_stems(paths)
     progress = tqdm(list(zip(paths, stems)), desc="predict", unit="img", disable=None, file=sys.stderr)
     for image_id, (path, stem) in enumerate(progress, start=1):
         try:
             image = read_image(path)
         except DatasetError as exc:
-            summary.failed.append({"id": image_id, "file_name": str(path.resolve()), "error": str(exc)})
-            tqdm.write(f"warning: skipped {path}: {exc}", file=sys.stderr)
+            skip(image_id, path, str(exc))
             continue
-        output, seconds = predict_image(model, image, device)
-        output = keep_confident(output, score_thresh)
+        try:
+            output, seconds, counts = _predict_and_draw(
+                model, image, device, path, output_dir / stem, label_names, overlap_thresh, mask_thresh,
+                save_overlap_maps)
+            predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            height, width = image.shape[-2:]
+            skip(image_id, path, f"not enough memory to predict this {width}x{height} image ({one_line(exc)})")
+            continue
+        finally:
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+        num = len(output["scores"])
         overlapping = overlapping_detections(output, overlap_thresh)
-        num, num_overlapping = len(output["scores"]), int(overlapping.sum()) if overlapping is not None else 0
-        results.extend(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
-
-        counts = f"{num} detection{'s' if num != 1 else ''}"
-        if overlapping is not None:
-            counts += f", {num_overlapping} overlapping"
-        picture = overlay(image, output, label_names, overlap_thresh, f"{path.name}: {counts}", mask_thresh)
-        picture.save(output_dir / f"{stem}_pred.png")
-        if save_overlap_maps:
-            for key, grey in overlap_map_images(output, tuple(image.shape[-2:])).items():
-                grey.save(output_dir / f"{stem}_{key}.png")
-
+        num_overlapping = int(overlapping.sum()) if overlapping is not None else 0
         height, width = image.shape[-2:]
         summary.images.append({
             "id": image_id, "file_name": str(path.resolve()), "width": int(width), "height": int(height), "stem": stem,
             "num_detections": num, "num_overlapping": num_overlapping, "inference_ms": round(seconds * 1000, 1),
         })
+        write_index()
         summary.num_detections += num
         summary.seconds += seconds
         tqdm.write(f"{path}: {counts}, {seconds * 1000:.0f} ms -> {stem}_pred.png")
-
-    write_predictions(results, output_dir / "predictions.json")
-    categories = [{"id": int(label_to_cat_id[k]), "name": label_names[k]} for k in sorted(label_names)]
-    (output_dir / "images.json").write_text(
-        json.dumps({"images": summary.images, "categories": categories, "failed": summary.failed}, indent=1) + "\n"
-    )
+    predictions.close()
     return summary

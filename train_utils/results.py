@@ -65,7 +65,7 @@ def parse_epoch_line(line: str) -> tuple[int, list[float]]:
     return int(match.group(1)), [float(v) for v in line[match.end():].split("  ")]
 
 
-def _replace_file(path: Path, text: str) -> None:
+def replace_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so a crash leaves the old file whole."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -81,7 +81,7 @@ def _upsert_line(path: str | os.PathLike, line: str, same: Any) -> None:
         if same(old):
             lines[i] = line
             lines = lines[: i + 1] + [old for old in lines[i + 1:] if not same(old)]
-            _replace_file(path, "\n".join(lines) + "\n")
+            replace_file(path, "\n".join(lines) + "\n")
             return
     with path.open("a") as f:
         if lines and not path.read_text().endswith("\n"):  # a hand-edited file may lack its last newline

@@ -5,12 +5,17 @@ last ``--keep-last``), ``best.pth`` (best segm AP), a line in ``det_results.txt`
 ``train_utils.results``), a record in ``metrics.jsonl``, and the plots ``loss_and_lr.png`` / ``mAP.png``.
 ``--test-only`` writes ``record_mAP.txt`` / ``record_mAP.json`` instead.
 
+An epoch that is evaluated is checkpointed before its evaluation (marked ``pending_eval``, with the epoch's training
+stats) and again after it; a run resumed from a checkpoint still marked evaluates that epoch first, so a failure or
+kill during evaluation loses neither the training nor the epoch's result lines.
+
 Randomness is reseeded at the start of every epoch from ``(seed, epoch, rank)``, and the training order from
 ``(seed, epoch)``: a run resumed from ``model_<e>.pth`` repeats the uninterrupted run's epochs ``e + 1 ...``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -183,7 +188,8 @@ def _prepare(args: argparse.Namespace, info: DistInfo, log):
     start_epoch = int(checkpoint["epoch"]) + 1 if checkpoint is not None else 0
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
-    if not args.test_only and start_epoch >= args.epochs:
+    pending_eval = checkpoint is not None and checkpoint.get("pending_eval") is not None
+    if not args.test_only and start_epoch >= args.epochs and not pending_eval:
         raise UserError(f"--epochs {args.epochs}: nothing left to train from epoch {start_epoch}; ask for more epochs")
     train_ds, val_ds = load_datasets(args)
     for dataset in (train_ds, val_ds):  # a broken val image is found now, not after a whole training epoch
@@ -253,48 +259,83 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
             f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "
             f"output in {output_dir}")
+    job = TrainingJob(args, info, model, model_without_ddp, optimizer, lr_scheduler, scaler, train_loader, evaluate,
+                      config, val_ds, board)
     try:
-        _train_epochs(args, info, device, model, model_without_ddp, optimizer, lr_scheduler, scaler, amp_dtype,
-                      train_loader, evaluate, start_epoch, best_ap, config, val_ds, board)
+        if checkpoint is not None and checkpoint.get("pending_eval") is not None:
+            epoch = int(checkpoint["epoch"])
+            log(f"evaluating epoch {epoch} first: {args.resume} was saved before its evaluation ended")
+            best_ap = job.finish_epoch(epoch, dict(checkpoint["pending_eval"]), best_ap, evaluating=True)
+        job.train_epochs(device, amp_dtype, start_epoch, best_ap)
     finally:
         if board is not None:
             board.close()
 
 
-def _train_epochs(args, info, device, model, model_without_ddp, optimizer, lr_scheduler, scaler, amp_dtype,
-                  train_loader, evaluate, start_epoch, best_ap, config, val_ds, board) -> None:
-    """Epochs ``start_epoch .. --epochs - 1``: train, evaluate, and (process 0) write everything."""
-    batches, output_dir = len(train_loader), Path(args.output_dir)
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.batch_sampler.set_epoch(epoch)
-        seed_everything(args.seed, epoch + 1, info.rank)
+@dataclasses.dataclass
+class TrainingJob:
+    """What the epochs of a run share once it is set up."""
 
-        def on_log(iteration: int, values: dict[str, float], first: int = epoch * batches) -> None:
-            if board is not None:
-                board.iteration(first + iteration, values)
+    args: argparse.Namespace
+    info: DistInfo
+    model: torch.nn.Module  # what trains: DistributedDataParallel in a distributed job
+    model_without_ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    train_loader: DataLoader
+    evaluate: Any
+    config: Any
+    val_ds: ChromosomeDataset
+    board: TensorBoardLog | None
 
-        stats = engine.train_one_epoch(
-            model, optimizer, train_loader, device, epoch, lr_scheduler=lr_scheduler,
-            scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm,
-            accumulate_steps=args.accumulate_steps, print_freq=args.print_freq, show_progress=info.is_main,
-            on_log=on_log,
-        )
-        distributed.broadcast_buffers(model_without_ddp)  # process 0's BN statistics: the checkpointed model
+    def train_epochs(self, device: torch.device, amp_dtype: torch.dtype | None, start_epoch: int,
+                     best_ap: float | None) -> None:
+        """Epochs ``start_epoch .. --epochs - 1``: train, evaluate, and (process 0) write everything."""
+        args, info, batches = self.args, self.info, len(self.train_loader)
+        for epoch in range(start_epoch, args.epochs):
+            self.train_loader.batch_sampler.set_epoch(epoch)
+            seed_everything(args.seed, epoch + 1, info.rank)
+
+            def on_log(iteration: int, values: dict[str, float], first: int = epoch * batches) -> None:
+                if self.board is not None:
+                    self.board.iteration(first + iteration, values)
+
+            stats = engine.train_one_epoch(
+                self.model, self.optimizer, self.train_loader, device, epoch, lr_scheduler=self.lr_scheduler,
+                scaler=self.scaler, amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm,
+                accumulate_steps=args.accumulate_steps, print_freq=args.print_freq, show_progress=info.is_main,
+                on_log=on_log,
+            )
+            distributed.broadcast_buffers(self.model_without_ddp)  # process 0's BN statistics: the checkpointed model
+            evaluating = (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1
+            if evaluating and info.is_main:  # the epoch's training is safe before its evaluation starts
+                save_checkpoint({**self.state(epoch, best_ap), "pending_eval": stats},
+                                Path(args.output_dir) / f"model_{epoch}.pth")
+            best_ap = self.finish_epoch(epoch, stats, best_ap, evaluating)
+
+    def finish_epoch(self, epoch: int, stats: dict[str, float], best_ap: float | None,
+                     evaluating: bool) -> float | None:
+        """Evaluate the trained epoch (when due) and write its files; returns the best segm AP so far."""
         record = None
-        if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
+        if evaluating:
             eval_start = time.perf_counter()
-            record = evaluate(model_without_ddp)
+            record = self.evaluate(self.model_without_ddp)
             stats["eval_time_s"] = time.perf_counter() - eval_start
         segm_ap = record["segm"]["AP"] if record and record.get("segm") else None
         improved = segm_ap is not None and (best_ap is None or segm_ap > best_ap)
         if improved:
             best_ap = segm_ap
-        if info.is_main:
-            state = checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args, config, val_ds,
-                                     best_ap)
-            _end_epoch(output_dir, epoch, stats, record, state, improved, args.keep_last)
-            if board is not None:
-                board.epoch((epoch + 1) * batches - 1, stats, record)
+        if self.info.is_main:
+            _end_epoch(Path(self.args.output_dir), epoch, stats, record, self.state(epoch, best_ap), improved,
+                       self.args.keep_last)
+            if self.board is not None:
+                self.board.epoch((epoch + 1) * len(self.train_loader) - 1, stats, record)
+        return best_ap
+
+    def state(self, epoch: int, best_ap: float | None) -> dict[str, Any]:
+        return checkpoint_state(self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler, epoch,
+                                self.args, self.config, self.val_ds, best_ap)
 
 
 def _wrap(model: torch.nn.Module, args: argparse.Namespace, info: DistInfo, device: torch.device):
@@ -323,11 +364,15 @@ def _optimization(model: torch.nn.Module, args: argparse.Namespace, info: DistIn
         f"warmup {warmup} step(s), gradient clipping {args.clip_grad_norm or 'off'}")
     best_ap = None
     if checkpoint is not None:
+        saved_opt = (checkpoint.get("args") or {}).get("opt")
+        if saved_opt is not None and saved_opt != args.opt:
+            raise UserError(f"--opt {args.opt} but {args.resume} was trained with --opt {saved_opt}, whose state "
+                            f"cannot drive {args.opt}; resume with --opt {saved_opt} (or start a new run)")
         try:
             best_ap = resume_training_state(checkpoint, optimizer, lr_scheduler, scaler, steps_per_epoch)
         except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{args.resume}: cannot resume its optimizer state with --opt {args.opt}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise CheckpointError(f"{args.resume}: its optimizer state does not fit this model and --opt {args.opt} "
+                                  f"({one_line(exc) or type(exc).__name__})") from None
         saved_lr = lr_scheduler.base_lrs[0]
         if not math.isclose(saved_lr, lr, rel_tol=1e-9):
             schedule.set_base_lr(optimizer, lr_scheduler, lr)
@@ -413,9 +458,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(args, info, device)
     except USER_ERRORS as exc:
+        distributed.announce_failure(info.rank)
         print_error(f"{prefix}{one_line(exc)}")
         code = 2
     except engine.NonFiniteLossError as exc:
+        distributed.announce_failure(info.rank)
         print_error(f"{prefix}{exc}")
         code = 1
     except KeyboardInterrupt:
@@ -424,8 +471,13 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:
         if not info.distributed:
             raise
-        traceback.print_exc()  # the others stop too: torchrun ends them, or their next collective fails or times out
-        print_error(f"{prefix}failed: {type(exc).__name__}: {exc}")
+        culprit = distributed.failed_rank()
+        if culprit is not None and culprit != info.rank:  # a collective broke because that process left: no traceback
+            print_error(f"{prefix}stopped: rank {culprit} failed (its error is above)")
+        else:
+            distributed.announce_failure(info.rank)
+            traceback.print_exc()  # the others stop too: their next collective fails, or torchrun ends them
+            print_error(f"{prefix}failed: {type(exc).__name__}: {exc}")
         code = 1
     finally:
         distributed.shutdown(code)

@@ -77,7 +77,8 @@ def draw_instances(
     colors = instance_colors(placement, margin=long_side / 40)
 
     if num:
-        canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colors)
+        for rows in row_bands(canvas.shape[-2], 8 * num * canvas.shape[-1]):  # torchvision sums the masks in int64
+            canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], masks[:, rows], alpha=alpha, colors=colors)
     if overlapping is not None and bool(overlapping.any()):
         ring = overlap_outline(masks[overlapping.detach().cpu().bool()], radius=line_width + 1)
         canvas = draw_segmentation_masks(canvas, ring, alpha=1.0, colors=OVERLAP_COLOR)
@@ -122,10 +123,22 @@ def instance_colors(boxes: torch.Tensor, margin: float = 10.0) -> list[tuple[int
 def overlap_outline(masks: torch.Tensor, radius: int = 2) -> torch.Tensor:
     """``[1, H, W]`` bool: union of each mask's outer contour, ``radius`` px wide (max-pool dilation minus the mask),
     so the instance's own colour and banding stay visible inside."""
+    height, width = masks.shape[-2:]
+    ring = torch.zeros((1, height, width), dtype=torch.bool)
     if masks.shape[0] == 0:
-        return torch.zeros((1, *masks.shape[-2:]), dtype=torch.bool)
-    dilated = F.max_pool2d(masks[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
-    return (dilated & ~masks).any(dim=0, keepdim=True)
+        return ring
+    for rows in row_bands(height, 4 * masks.shape[0] * width):  # each band with `radius` rows of context around it
+        top, bottom = max(0, rows.start - radius), min(height, rows.stop + radius)
+        band = masks[:, top:bottom]
+        dilated = F.max_pool2d(band[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+        ring[0, rows] = (dilated & ~band).any(dim=0)[rows.start - top:rows.stop - top]
+    return ring
+
+
+def row_bands(height: int, bytes_per_row: int, budget: int = 256 * 2**20) -> list[slice]:
+    """Slices of rows holding about ``budget`` bytes each, so per-pixel work on a huge image stays bounded."""
+    step = max(1, budget // max(1, bytes_per_row))
+    return [slice(top, min(height, top + step)) for top in range(0, height, step)]
 
 
 def _to_uint8_rgb(image: torch.Tensor) -> torch.Tensor:
