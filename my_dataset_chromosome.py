@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import tifffile
 import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
@@ -79,37 +80,92 @@ def _read_16_bit_colour_png(path: Path) -> np.ndarray:
     return _scale_by_range(data[:3].permute(1, 2, 0).numpy())
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """The first page of a TIFF through tifffile (Pillow drops the low bits of 16-bit colour and cannot read many
+    microscope layouts): ``[H, W]`` or ``[H, W, C]``, channels last whether the file stores them interleaved or as
+    planes; 8-bit in 0..1 by /255, anything else by its own min..max (``_scale_by_range``)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+            return _read_with_pillow(path)  # Pillow expands the colour map
+        array, axes = page.asarray(), page.axes
+    if array.ndim == 3 and axes[0] in "SC":  # planar: channels first
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 2:  # two fluorescence channels: the first, as grey
+        array = array[..., 0]
+    if array.ndim == 3:
+        array = array[..., :3]  # RGB of RGBA, or the first three channels
+    if array.ndim not in (2, 3):
+        raise ValueError(f"unsupported TIFF layout {axes} {list(array.shape)}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    return _scale_by_range(array)
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in TIFF_MAGIC
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the file's header alone, read the way ``read_image`` reads it; ``DatasetError``
+    naming the file when the header cannot be read."""
+    path = Path(path)
+    try:
+        if _is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagewidth), int(page.imagelength)
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, IndexError, tifffile.TiffFileError) as exc:
+        raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
+
+
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """Read an image as float32 ``[3, H, W]`` in 0..1.
 
-    8-bit images are divided by 255; 16-bit and 32-bit images are scaled from their real min..max range. Grey is
-    repeated to three channels, alpha is dropped, palettes are expanded; multi-page TIFFs give their first page.
+    8-bit images are divided by 255; 16-bit and 32-bit images are scaled from their real min..max range (a 12-bit
+    camera image in a 16-bit file fills 0..1). Grey is repeated to three channels, alpha is dropped, palettes are
+    expanded. TIFFs are read with tifffile, first page only (see ``_read_tiff``); the rest with Pillow.
     Raises DatasetError naming the file when it is missing or cannot be decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.seek(0)
-            if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _is_16_bit_colour_png(path):
-                array = _read_16_bit_colour_png(path)
-            elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                array = _scale_by_range(np.array(img))
-            else:
-                if img.mode in ("1", "LA", "L"):
-                    img = img.convert("L")
-                elif img.mode != "RGB":  # P (through RGBA, for palettes with transparency), RGBA, CMYK, YCbCr, ...
-                    img = (img.convert("RGBA") if img.mode == "P" else img).convert("RGB")
-                array = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, RuntimeError, ValueError, SyntaxError) as exc:
+        array = _read_tiff(path) if _is_tiff(path) else _read_with_pillow(path)
+    except (OSError, UnidentifiedImageError, RuntimeError, ValueError, SyntaxError, IndexError,
+            tifffile.TiffFileError) as exc:
         raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0).expand(3, -1, -1)
     else:
         tensor = tensor.permute(2, 0, 1)
     return tensor.contiguous()
+
+
+def _read_with_pillow(path: Path) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, 3]`` float32 in 0..1 (see ``read_image``)."""
+    with Image.open(path) as img:
+        img.seek(0)
+        if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _is_16_bit_colour_png(path):
+            array = _read_16_bit_colour_png(path)
+        elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            array = _scale_by_range(np.array(img))
+        else:
+            if img.mode in ("1", "LA", "L"):
+                img = img.convert("L")
+            elif img.mode != "RGB":  # P (through RGBA, for palettes with transparency), RGBA, CMYK, YCbCr, ...
+                img = (img.convert("RGBA") if img.mode == "P" else img).convert("RGB")
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    return array
 
 
 def load_label_json(path: str | os.PathLike) -> dict[int, str]:
@@ -437,11 +493,7 @@ class ChromosomeDataset(torch.utils.data.Dataset):
             path = self.images_dir / info["file_name"]
             if not path.is_file():
                 raise DatasetError(f"image not found: {path} (image id {image_id} in {self.ann_file})")
-            try:
-                with Image.open(path) as img:
-                    size = img.size
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-                raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
+            size = image_size(path)
             if size != (info["width"], info["height"]):
                 raise DatasetError(f"image {path} is {size[0]}x{size[1]} but {self.ann_file} says "
                                    f"{info['width']}x{info['height']} (image id {image_id})")

@@ -17,6 +17,7 @@ from my_dataset_chromosome import (
     ChromosomeDataset,
     DatasetError,
     DegenerateAnnotationWarning,
+    image_size,
     load_label_json,
     overlapping_from_rles,
     read_image,
@@ -442,6 +443,37 @@ def test_read_image_16_bit_rgb_png_keeps_its_low_bits(tmp_path):
     _png16_rgb(tmp_path / "rgb16.png", array)
     out = read_image(tmp_path / "rgb16.png")
     assert out[:, 0, 0].tolist() == pytest.approx([0.25, 0.5, 0.75]) and out[:, 1, 2].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "planar", "lzw"])
+def test_read_image_16_bit_rgb_tiff_keeps_its_low_bits(tmp_path, layout):
+    """Pillow reads 16-bit colour TIFFs as 8 bits (these values would all be black); tifffile keeps them."""
+    import tifffile
+
+    array = np.zeros((2, 3, 3), dtype=np.uint16)
+    array[0, 0] = (100, 200, 300)
+    array[1, 2] = (400, 400, 400)
+    path = tmp_path / f"rgb16_{layout}.tif"
+    if layout == "planar":
+        tifffile.imwrite(path, np.moveaxis(array, -1, 0), photometric="rgb", planarconfig="separate")
+    else:
+        tifffile.imwrite(path, array, photometric="rgb", compression="lzw" if layout == "lzw" else None)
+    out = read_image(path)
+    assert out.shape == (3, 2, 3)
+    assert out[:, 0, 0].tolist() == pytest.approx([0.25, 0.5, 0.75]) and out[:, 1, 2].tolist() == [1, 1, 1]
+    assert image_size(path) == (3, 2)
+
+
+def test_read_image_12_bit_grey_tiff_and_palette_tiff(tmp_path):
+    import tifffile
+
+    grey = np.array([[0, 1024], [2048, 4095]], dtype=np.uint16)  # a 12-bit camera in a 16-bit file
+    tifffile.imwrite(tmp_path / "g12.tif", grey, compression="zlib")
+    assert read_image(tmp_path / "g12.tif")[1].flatten().tolist() == pytest.approx([0, 1024 / 4095, 2048 / 4095, 1])
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 255, 255, 255, 0])
+    palette.save(tmp_path / "palette.tif")
+    assert read_image(tmp_path / "palette.tif")[:, 0, 1].tolist() == [1, 1, 0]
 
 
 def test_read_image_grey_and_multi_page_tiff(tmp_path):
