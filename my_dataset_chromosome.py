@@ -369,6 +369,7 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         self._index_categories(doc["categories"])
         self._index_images_and_instances(doc)
         self.ids = sorted(self._images)
+        self.invert_ids: set[int] = set()  # image ids whose grey levels are inverted as they load (``--stain``)
         if remove_images_without_annotations:
             self.ids = [i for i in self.ids if self._instances[i]]
 
@@ -518,6 +519,8 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         if tuple(image.shape[-2:]) != (height, width):
             raise DatasetError(f"image {path} is {image.shape[-1]}x{image.shape[-2]} but {self.ann_file} says "
                                f"{width}x{height} (image id {image_id})")
+        if image_id in self.invert_ids:
+            image = 1.0 - image
 
         instances = self._instances[image_id]
         rles = [inst["rle"] for inst in instances]

@@ -16,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
 from train_utils.args import ArgumentParser, UserError, add_device_args, add_model_check_arg, add_threshold_args  # noqa: E402
-from train_utils.args import check_model_name, print_error  # noqa: E402
+from train_utils.args import add_stain_arg, check_model_name, print_error  # noqa: E402
 from train_utils.checkpoint import CheckpointError, load_model_from_checkpoint  # noqa: E402
 from train_utils.inference import InferenceError, expand_inputs, label_maps, predict_files, prepare_model  # noqa: E402
+from train_utils.stain import checkpoint_polarity  # noqa: E402
 
 
 def get_args_parser() -> ArgumentParser:
@@ -38,6 +39,7 @@ def get_args_parser() -> ArgumentParser:
     add_device_args(parser)
     add_threshold_args(parser)
     add_model_check_arg(parser)
+    add_stain_arg(parser)
     return parser
 
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = predict_files(
             model, paths, args.output_dir, label_names, label_to_cat_id, device=args.device,
             score_thresh=args.score_thresh, overlap_thresh=args.overlap_thresh, mask_thresh=args.mask_thresh,
-            save_overlap_maps=args.save_overlap_maps,
+            save_overlap_maps=args.save_overlap_maps, stain_mode=args.stain,
+            model_polarity=checkpoint_polarity(checkpoint, args.weights_path, args.stain),
         )
     except (CheckpointError, DatasetError, InferenceError, UserError) as exc:
         print_error(exc)

@@ -70,6 +70,10 @@ def test_result_files_have_the_seeds_format(run_two_epochs):
 def test_side_files(run_two_epochs):
     args = json.loads((run_two_epochs / "args.json").read_text())
     assert args["seed"] == 0 and args["epochs"] == 2 and args["world_size"] == 1
+    assert args["stain"] == "auto" and args["stain_polarity"] == "bright-on-dark"  # bright bars on a dark field
+    assert args["stain_counts"] == {"bright-on-dark": 4, "dark-on-bright": 0}
+    assert load_checkpoint(run_two_epochs / "model_1.pth")["stain"] == {
+        "polarity": "bright-on-dark", "train_counts": {"bright-on-dark": 4, "dark-on-bright": 0}}
     assert json.loads((run_two_epochs / "labels.json").read_text()) == {"1": "chromosome"}
     for name in ("loss_and_lr.png", "mAP.png"):
         with Image.open(run_two_epochs / name) as im:

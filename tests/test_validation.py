@@ -185,3 +185,25 @@ def test_script_runs_from_the_command_line(tiny_coco, tmp_path):
     record = json.loads((tmp_path / "record_mAP.json").read_text())
     assert record["segm"]["AP"] == 0.0 and record["recall"] == 0.0 and record["count_mae"] == 4.0
     assert "record in" in proc.stdout
+
+
+def test_stain_brings_the_split_to_the_checkpoints_look(tiny_coco, checkpoint, tmp_path, capsys):
+    """tiny_coco is bright bars on dark: a dark-on-bright checkpoint sees it inverted under --stain auto, and
+    --stain as-is scores exactly what a checkpoint without a recorded polarity scores."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["stain"] = {"polarity": "dark-on-bright", "train_counts": {"bright-on-dark": 0, "dark-on-bright": 9}}
+    dark = tmp_path / "dark.pth"
+    save_checkpoint(state, dark)
+    common = ("--data-path", tiny_coco, "--device", "cpu", "-j", "0", "--score-thresh", "0.05")
+    records = {}
+    for name, ckpt, mode in [("auto", dark, "auto"), ("as-is", dark, "as-is"), ("old", checkpoint, "auto")]:
+        rc, _, err = run_main(capsys, "--weights-path", ckpt, "--output-dir", tmp_path / name, "--stain", mode, *common)
+        assert rc == 0
+        assert ("records no stain polarity" in err) == (name == "old")
+        records[name] = json.loads((tmp_path / name / "record_mAP.json").read_text())
+    assert records["auto"]["stain"] == {"mode": "auto", "model_polarity": "dark-on-bright", "inverted": 2}
+    assert "stain: --stain auto, model dark-on-bright, 2 image(s) inverted" in " ".join(
+        (tmp_path / "auto" / "record_mAP.txt").read_text().split())
+    assert records["as-is"]["stain"]["inverted"] == 0 and records["old"]["stain"]["model_polarity"] is None
+    assert records["as-is"]["segm"]["stats"] == records["old"]["segm"]["stats"]
+    assert records["as-is"]["num_detections"] == records["old"]["num_detections"]

@@ -17,6 +17,7 @@ import torch
 
 from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS
 from network_files.config import OVERLAP_CLS_HEADS, ModelConfig
+from train_utils.stain import STAIN_MODES
 from transforms import PRESETS
 
 _MODEL_DEFAULTS = ModelConfig()
@@ -110,6 +111,16 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
                         help="dataset root holding images/ and annotations/instances_<split>.json")
     parser.add_argument("-j", "--workers", type=_number(int, low=0), default=default_workers(), metavar="N",
                         help="data-loading worker processes (default: %(default)s; 0 loads in the main process)")
+
+
+def add_stain_arg(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """``--stain auto|as-is|invert`` (see ``train_utils.stain``)."""
+    auto = ("invert the training and validation images whose polarity differs from the training images' majority"
+            if training else "bring each image to the polarity the checkpoint was trained on")
+    parser.add_argument("--stain", choices=STAIN_MODES, default="auto",
+                        help=f"stain polarity (bright chromosomes on dark, as Q-band, or dark on light, as G-band): "
+                             f"auto: {auto}; as-is: use images as they are; invert: invert every image "
+                             f"(default: %(default)s)")
 
 
 def add_threshold_args(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +240,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="autocast dtype with --amp (default: %(default)s)")
     group.add_argument("--data-augmentation", choices=PRESETS, default="flip",
                        help="training augmentation preset; flip = horizontal + vertical flips (default: %(default)s)")
+    add_stain_arg(group, training=True)
     group.add_argument("--invert-prob", type=_number(float, 0.0, 1.0), default=0.0, metavar="P",
                        help="invert grey levels of a training image with probability P (Q-band <-> G-band look) "
                             "(default: %(default)s)")

@@ -13,9 +13,10 @@ What ``predict_files`` writes into the output folder:
   and, for DaCSeg, ``overlap_score``. Only detections scoring at least the score threshold are kept.
 - ``images.json``: maps ``image_id`` back to the files, as COCO ``images``/``categories`` sections:
   ``{"images": [{"id", "file_name", "width", "height", "stem", "num_detections", "num_overlapping",
-  "inference_ms"}], "categories": [{"id", "name"}], "failed": [{"id", "file_name", "error"}]}``; ``file_name`` is
-  the image's absolute path. ``image_id`` is the image's position in the expanded input
-  list, from 1 (an image that could not be read, or not predicted in the memory there is, keeps its number, under
+  "inference_ms", "polarity", "inverted"}], "categories": [{"id", "name"}], "failed": [{"id", "file_name",
+  "error"}]}``; ``file_name`` is the image's absolute path, ``polarity`` the image's own stain polarity
+  (``bright-on-dark`` or ``dark-on-bright``) and ``inverted`` whether the model saw it inverted (``--stain``).
+  ``image_id`` is the image's position in the expanded input list, from 1 (an image that could not be read, or not predicted in the memory there is, keeps its number, under
   ``failed``). Both JSON files are complete after every image, so a run that is stopped keeps what it did.
 
 ``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
@@ -43,6 +44,7 @@ from tqdm import tqdm
 from my_dataset_chromosome import DatasetError, load_label_json, read_image
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
+from train_utils import stain
 from train_utils.args import one_line
 from train_utils.coco_results import outputs_to_coco_results
 from train_utils.results import prepare_output_dir, replace_file
@@ -274,14 +276,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _predict_and_draw(model, image, device, path: Path, prefix: Path, label_names, overlap_thresh: float,
-                      mask_thresh: float, save_overlap_maps: bool) -> tuple[dict[str, torch.Tensor], float, str]:
-    """Predict one image and write its pictures; returns (output, seconds, the counts caption)."""
-    output, seconds = predict_image(model, image, device, mask_thresh)
+                      mask_thresh: float, save_overlap_maps: bool,
+                      inverted: bool = False) -> tuple[dict[str, torch.Tensor], float, str]:
+    """Predict one image (the model sees it inverted when asked) and write its pictures on the image as it is;
+    returns (output, seconds, the counts caption)."""
+    output, seconds = predict_image(model, stain.invert(image) if inverted else image, device, mask_thresh)
     overlapping = overlapping_detections(output, overlap_thresh)
     num = len(output["scores"])
     counts = f"{num} detection{'s' if num != 1 else ''}"
     if overlapping is not None:
         counts += f", {int(overlapping.sum())} overlapping"
+    if inverted:
+        counts += " (inverted for the model)"
     picture = overlay(image, output, label_names, overlap_thresh, f"{path.name}: {counts}", mask_thresh)
     picture.save(f"{prefix}_pred.png")
     if save_overlap_maps:
@@ -311,10 +317,13 @@ def predict_files(
     overlap_thresh: float = 0.5,
     mask_thresh: float = 0.5,
     save_overlap_maps: bool = False,
+    stain_mode: str = "as-is",
+    model_polarity: str | None = None,
 ) -> PredictionSummary:
     """Predict every image, write the files listed in the module docstring and print one line per image.
 
-    An unreadable image, or one too large for the memory, is reported on stderr and skipped (listed under
+    Each image is brought to ``model_polarity`` as ``stain_mode`` says (``train_utils.stain``) before the model sees
+    it; its picture is drawn on the image as it was. An unreadable image, or one too large for the memory, is reported on stderr and skipped (listed under
     ``failed``); the others go on. Both JSON files are complete after every image, so an interrupted run keeps
     what it did.
     """
@@ -344,10 +353,12 @@ def predict_files(
         except DatasetError as exc:
             skip(image_id, path, str(exc))
             continue
+        polarity = stain.detect_polarity(image)
+        inverted = stain.needs_inversion(polarity, model_polarity, stain_mode)
         try:
             output, seconds, counts = _predict_and_draw(
                 model, image, device, path, output_dir / stem, label_names, overlap_thresh, mask_thresh,
-                save_overlap_maps)
+                save_overlap_maps, inverted)
             predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
@@ -365,6 +376,7 @@ def predict_files(
         summary.images.append({
             "id": image_id, "file_name": str(path.resolve()), "width": int(width), "height": int(height), "stem": stem,
             "num_detections": num, "num_overlapping": num_overlapping, "inference_ms": round(seconds * 1000, 1),
+            "polarity": polarity, "inverted": inverted,
         })
         write_index()
         summary.num_detections += num

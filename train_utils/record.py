@@ -67,6 +67,10 @@ def format_record(record: Mapping[str, Any]) -> str:
         _line("ground-truth instances", record["num_gt"]),
         _line(f"detections (score >= {thresh:.2f})", record["num_detections_at_thresh"]),
     ]
+    if record.get("stain"):
+        match = record["stain"]
+        lines.append(_line("stain", f"--stain {match['mode']}, model {match['model_polarity'] or 'not recorded'}, "
+                                    f"{match['inverted']} image(s) inverted"))
     return "\n".join(lines) + "\n"
 
 

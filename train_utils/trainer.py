@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from backbone import WeightsError
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, save_label_json
 from network_files import build_model, load_detector_weights, resolve_config
-from train_utils import distributed, engine, plots, results, schedule
+from train_utils import distributed, engine, plots, results, schedule, stain
 from train_utils.args import UserError, model_config_from_args, one_line, print_error
 from train_utils.checkpoint import (
     CheckpointError,
@@ -202,7 +202,37 @@ def _prepare(args: argparse.Namespace, info: DistInfo, log):
             int.from_bytes(os.urandom(4), "little"))
     seed_everything(args.seed, 0, info.rank)
     model, config = build(args, val_ds.num_classes, checkpoint, log)
+    match_stain(args, info, checkpoint, train_ds, val_ds, log)
     return checkpoint, start_epoch, train_ds, val_ds, model, config
+
+
+def match_stain(args: argparse.Namespace, info: DistInfo, checkpoint: dict[str, Any] | None,
+                train_ds: ChromosomeDataset | None, val_ds: ChromosomeDataset, log) -> None:
+    """Decide the model's stain polarity (the checkpoint's, else the training images' majority) and mark the images
+    that ``--stain`` inverts as they load; the polarity and the split go into ``args`` (``args.json``, checkpoints)."""
+    saved = (checkpoint or {}).get("stain") or {}
+    target, counts = saved.get("polarity"), saved.get("train_counts")
+
+    def polarities(dataset: ChromosomeDataset) -> dict[int, str]:
+        found = stain.dataset_polarities(dataset, show_progress=info.is_main) if info.is_main else None
+        return distributed.broadcast_object(found)
+
+    if train_ds is not None:
+        train_polarity = polarities(train_ds)
+        majority, counts = stain.majority(train_polarity.values())
+        if target is None:
+            target = majority if args.stain != "invert" else stain.POLARITIES[1 - stain.POLARITIES.index(majority)]
+        train_ds.invert_ids = stain.images_to_invert(train_polarity, target, args.stain)
+        log(f"stain: {counts[stain.BRIGHT_ON_DARK]} bright-on-dark and {counts[stain.DARK_ON_BRIGHT]} dark-on-bright "
+            f"training image(s); the model learns {target} (--stain {args.stain}: {len(train_ds.invert_ids)} "
+            f"inverted as they load)")
+    elif info.is_main:
+        stain.checkpoint_polarity(checkpoint or {}, args.resume, args.stain)  # the note for an older checkpoint
+    if args.stain == "auto" and target is not None:
+        val_ds.invert_ids = stain.images_to_invert(polarities(val_ds), target, args.stain)
+    else:
+        stain.match_dataset(val_ds, target, args.stain)
+    args.stain_polarity, args.stain_counts = target, counts
 
 
 def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
@@ -431,6 +461,7 @@ def checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args: a
         "label_to_cat_id": dict(dataset.label_to_cat_id),
         "rng_state": capture_rng_state(),
         "best_segm_ap": best_segm_ap,
+        "stain": {"polarity": args.stain_polarity, "train_counts": args.stain_counts},
     }
 
 

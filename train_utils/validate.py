@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, load_label_json
+from train_utils import stain
 from train_utils.args import ArgumentParser, UserError, add_data_args, add_device_args, add_model_check_arg
-from train_utils.args import add_threshold_args, check_model_name, print_error
+from train_utils.args import add_stain_arg, add_threshold_args, check_model_name, print_error
 from train_utils.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 from train_utils.coco_eval import evaluate_results
 from train_utils.engine import collate_fn, predict_results
@@ -46,6 +47,7 @@ def get_args_parser() -> ArgumentParser:
     add_device_args(parser)
     add_threshold_args(parser)
     add_model_check_arg(parser)
+    add_stain_arg(parser)
     parser.add_argument("-b", "--batch-size", type=int, default=1, metavar="N",
                         help="images per inference batch (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="K",
@@ -162,13 +164,16 @@ def _checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{args.weights_path} maps its labels to category ids {label_to_cat_id} but split "
                         f"{args.split!r} of {args.data_path} has {dataset.label_to_cat_id}")
     model, config = model_from_checkpoint(checkpoint, args.weights_path, args.device)
+    polarity = stain.checkpoint_polarity(checkpoint, args.weights_path, args.stain)
+    stain.match_dataset(dataset, polarity, args.stain)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=collate_fn)
     results, image_ids = predict_results(model, loader, torch.device(args.device), label_to_cat_id,
                                          mask_threshold=args.mask_thresh, show_progress=True)
     record = evaluate_results(dataset.coco, results, args.score_thresh, image_ids=image_ids,
                               min_overlap_area=config.min_overlap_area)
-    record.update(weights_path=str(args.weights_path), epoch=checkpoint.get("epoch"), model=config.name)
+    record.update(weights_path=str(args.weights_path), epoch=checkpoint.get("epoch"), model=config.name,
+                  stain={"mode": args.stain, "model_polarity": polarity, "inverted": len(dataset.invert_ids)})
     return record
 
 
