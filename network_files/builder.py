@@ -67,16 +67,7 @@ def build_model(config: ModelConfig, pretrained_backbone: str | Path | None = No
         from network_files.dacseg import convert_to_dacseg  # the heads pull in more code; only when asked
 
         model = convert_to_dacseg(model, config)
-    model.loss_weights = dict(config.loss_weights)
-    model.register_forward_hook(weight_losses)
     return model
-
-
-def weight_losses(model: MaskRCNN, args: object, output: object) -> object:
-    """Forward hook: scale each training loss term by ``model.loss_weights`` (terms not listed weigh 1)."""
-    if not model.training or not isinstance(output, dict):
-        return output
-    return {name: loss * model.loss_weights.get(name, 1.0) for name, loss in output.items()}
 
 
 def load_detector_weights(model: MaskRCNN, source: str | Path) -> LoadReport:

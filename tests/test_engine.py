@@ -76,6 +76,28 @@ def test_train_one_epoch_means():
     assert model.training
 
 
+def test_loss_weights_weigh_the_minimised_loss_and_the_logged_terms_stay_raw():
+    weights = {"loss_a": 0.0, "loss_b": 3.0}
+    logged = []
+    model = StandIn()
+    w_before = model.w.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = engine.train_one_epoch(model, optimizer, _batches(3), torch.device("cpu"), 0, loss_weights=weights,
+                                   print_freq=1, show_progress=False, on_log=lambda i, v: logged.append(v))
+    a, b = zip(*model.seen_losses)
+    assert stats["loss_a"] == pytest.approx(sum(a) / 3) and stats["loss_b"] == pytest.approx(sum(b) / 3)  # raw
+    assert stats["loss"] == pytest.approx(3 * sum(b) / 3)  # what was minimised: 0 x loss_a + 3 x loss_b
+    assert logged[0]["loss_a"] == pytest.approx(a[0]) and logged[0]["loss"] == pytest.approx(3 * b[0])
+    # a weight of 0 keeps the term's gradient out: the same steps as a model whose loss_a is 0
+    weighted, zeroed = StandIn(), StandIn(scale=0.0)
+    zeroed.load_state_dict(weighted.state_dict())
+    for net, weights in ((weighted, {"loss_a": 0.0}), (zeroed, None)):
+        engine.train_one_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), _batches(3), torch.device("cpu"), 0,
+                               loss_weights=weights, show_progress=False)
+    assert torch.allclose(weighted.w, zeroed.w) and not torch.equal(weighted.w, w_before)
+    assert engine.weighted_loss({"x": torch.tensor(2.0), "y": torch.tensor(5.0)}, {"y": 0.5}).item() == 4.5
+
+
 class Linear(nn.Module):
     """A least-squares 'detector': its loss is the batch mean, so a batch of 2 equals two accumulated batches of 1."""
 

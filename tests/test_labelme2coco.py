@@ -236,14 +236,17 @@ def test_real_bioimlab_train_converts_to_109_images_and_4565_instances(bioimlab,
     assert evaluator.stats[0] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("module_name, argv", [
-    ("labelme2coco", ["--bogus", "x", "--out", "y"]),
-    ("xml2coco", []),
+@pytest.mark.parametrize("module_name, argv, says", [
+    ("labelme2coco", ["--bogus", "x", "--out", "y"], "unrecognized arguments"),
+    ("xml2coco", [], "required"),
+    # a negative area would mark two isolated chromosomes as crossing
+    ("labelme2coco", ["x", "--out", "y", "--min-overlap-area", "-1"], "--min-overlap-area: -1 must be >= 0.0"),
+    ("xml2coco", ["x", "--out", "y", "--min-overlap-area", "nan"], "--min-overlap-area: 'nan' is not a finite"),
 ])
-def test_converter_usage_errors_are_one_line(module_name, argv, capsys):
+def test_converter_usage_errors_are_one_line(module_name, argv, says, capsys):
     import importlib
     module = importlib.import_module(f"tools.{module_name}")
     with pytest.raises(SystemExit) as exit_info:
         module.main(argv)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "error:" in err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "error:" in err and says in err

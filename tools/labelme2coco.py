@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError, overlapping_from_rles, polygon_in_reach, read_json  # noqa: E402
-from train_utils.args import ArgumentParser  # noqa: E402
+from train_utils.args import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
 
 IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
@@ -307,8 +307,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="train", help="split name: writes annotations/instances_<split>.json")
     parser.add_argument("--labels", default=None,
                         help="comma-separated label names in category order (default: the labels found, sorted)")
-    parser.add_argument("--min-overlap-area", type=float, default=20.0,
-                        help="pixels an instance must share with others to be marked overlapping")
+    add_min_overlap_area_arg(parser)
     return parser
 
 

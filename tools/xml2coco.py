@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
-from train_utils.args import ArgumentParser  # noqa: E402
+from train_utils.args import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 from tools.coco_layout import rle_from_mask  # noqa: E402
 from tools.labelme2coco import CocoBuilder, ConversionSummary, parse_labels  # noqa: E402
 
@@ -192,8 +192,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", default=None,
                         help="comma-separated label names in category order (default: the labels found, sorted)")
     parser.add_argument("--images", default=None, help="CVAT only: folder of the images (default: the XML's folder)")
-    parser.add_argument("--min-overlap-area", type=float, default=20.0,
-                        help="pixels an instance must share with others to be marked overlapping")
+    add_min_overlap_area_arg(parser)
     return parser
 
 

@@ -59,7 +59,7 @@ def device_arg(text: str) -> str:
     return text
 
 
-def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+def number_arg(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
     """An argparse ``type`` converting to ``kind`` and checking ``low <= value <= high`` (``low < value`` if open)."""
 
     def convert(text: str) -> Any:
@@ -86,7 +86,7 @@ def loss_weight_arg(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not name=value (e.g. loss_mask=2)")
     if name not in LOSS_NAMES:
         raise argparse.ArgumentTypeError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}")
-    weight = _number(float, low=0.0)(value)
+    weight = number_arg(float, low=0.0)(value)
     return name, weight
 
 
@@ -109,7 +109,7 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
     """``--data-path`` (the COCO-layout root) and ``-j/--workers``."""
     parser.add_argument("--data-path", required=required, metavar="DIR",
                         help="dataset root holding images/ and annotations/instances_<split>.json")
-    parser.add_argument("-j", "--workers", type=_number(int, low=0), default=default_workers(), metavar="N",
+    parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=default_workers(), metavar="N",
                         help="data-loading worker processes (default: %(default)s; 0 loads in the main process)")
 
 
@@ -123,12 +123,19 @@ def add_stain_arg(parser: argparse.ArgumentParser, training: bool = False) -> No
                              f"(default: %(default)s)")
 
 
+def add_min_overlap_area_arg(parser: argparse.ArgumentParser) -> None:
+    """``--min-overlap-area`` (training and the converters): one default, one range check."""
+    parser.add_argument("--min-overlap-area", type=number_arg(float, low=0.0), default=_MODEL_DEFAULTS.min_overlap_area,
+                        metavar="PX2", help="smallest shared area (px^2, original image scale) that counts as a "
+                                            "crossing rather than a touch (default: %(default)s)")
+
+
 def add_threshold_args(parser: argparse.ArgumentParser) -> None:
     """``--score-thresh`` (detections counted by precision/recall/F1, count error, pictures) and ``--mask-thresh``."""
-    parser.add_argument("--score-thresh", type=_number(float, 0.0, 1.0), default=0.5, metavar="S",
+    parser.add_argument("--score-thresh", type=number_arg(float, 0.0, 1.0), default=0.5, metavar="S",
                         help="keep detections scoring at least S for precision/recall/F1, counts and pictures "
                              "(default: %(default)s)")
-    parser.add_argument("--mask-thresh", type=_number(float, 0.0, 1.0), default=0.5, metavar="T",
+    parser.add_argument("--mask-thresh", type=number_arg(float, 0.0, 1.0), default=0.5, metavar="T",
                         help="mask probability above which a pixel belongs to the instance (default: %(default)s)")
 
 
@@ -151,39 +158,37 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", choices=MODEL_NAMES, default=None,
                        help="plain Mask R-CNN or DaCSeg's overlap-aware heads (default: maskrcnn; with --resume the "
                             "checkpoint's, and a different one is an error)")
-    group.add_argument("--num-classes", type=_number(int, low=1), default=None, metavar="K",
+    group.add_argument("--num-classes", type=number_arg(int, low=1), default=None, metavar="K",
                        help="object classes without background (default: the categories of the training data, "
                             "1 for a chromosome set); must match the data")
     group.add_argument("--backbone", choices=BACKBONE_NAMES, default=_MODEL_DEFAULTS.backbone,
                        help="ResNet of the ResNet-FPN backbone (default: %(default)s)")
-    group.add_argument("--trainable-backbone-layers", type=_number(int, 0, 5), default=None, metavar="N",
+    group.add_argument("--trainable-backbone-layers", type=number_arg(int, 0, 5), default=None, metavar="N",
                        help="ResNet stages to train, 0-5 (default: 3 with pretrained weights, 5 from scratch)")
     group.add_argument("--norm-layer", choices=NORM_LAYERS, default=None,
                        help="backbone normalisation (default: frozen_bn with pretrained weights, bn from scratch; "
                             "prefer frozen_bn below a batch of 4)")
-    group.add_argument("--min-size", type=_number(int, low=32), default=_MODEL_DEFAULTS.min_size, metavar="PX",
+    group.add_argument("--min-size", type=number_arg(int, low=32), default=_MODEL_DEFAULTS.min_size, metavar="PX",
                        help="shorter image side after the model's resize (default: %(default)s)")
-    group.add_argument("--max-size", type=_number(int, low=32), default=_MODEL_DEFAULTS.max_size, metavar="PX",
+    group.add_argument("--max-size", type=number_arg(int, low=32), default=_MODEL_DEFAULTS.max_size, metavar="PX",
                        help="longer image side limit after the model's resize (default: %(default)s)")
-    group.add_argument("--anchor-sizes", type=_number(int, low=1), nargs=5, metavar="PX",
+    group.add_argument("--anchor-sizes", type=number_arg(int, low=1), nargs=5, metavar="PX",
                        default=list(_MODEL_DEFAULTS.anchor_sizes),
                        help="anchor size of each of the 5 FPN levels (default: %(default)s)")
-    group.add_argument("--box-score-thresh", type=_number(float, 0.0, 1.0), default=_MODEL_DEFAULTS.box_score_thresh,
+    group.add_argument("--box-score-thresh", type=number_arg(float, 0.0, 1.0), default=_MODEL_DEFAULTS.box_score_thresh,
                        metavar="S", help="lowest score the model outputs; COCO AP wants it low (default: %(default)s)")
-    group.add_argument("--box-nms-thresh", type=_number(float, 0.0, 1.0), default=_MODEL_DEFAULTS.box_nms_thresh,
+    group.add_argument("--box-nms-thresh", type=number_arg(float, 0.0, 1.0), default=_MODEL_DEFAULTS.box_nms_thresh,
                        metavar="IOU", help="IoU of the per-class NMS on the final boxes (default: %(default)s)")
-    group.add_argument("--detections-per-img", type=_number(int, low=1),
+    group.add_argument("--detections-per-img", type=number_arg(int, low=1),
                        default=_MODEL_DEFAULTS.box_detections_per_img, metavar="N",
                        help="most detections per image (default: %(default)s)")
-    group.add_argument("--rois-per-image", type=_number(int, low=1), default=_MODEL_DEFAULTS.rois_per_image,
+    group.add_argument("--rois-per-image", type=number_arg(int, low=1), default=_MODEL_DEFAULTS.rois_per_image,
                        metavar="N", help="RoIs sampled per training image for the box and mask losses; fewer train "
                                          "faster on a CPU (default: %(default)s)")
     group.add_argument("--overlap-cls-head", choices=OVERLAP_CLS_HEADS, default=_MODEL_DEFAULTS.overlap_cls_head,
                        help="DaCSeg overlap classifier: fc as published (~52 M parameters) or a small conv head "
                             "(default: %(default)s)")
-    group.add_argument("--min-overlap-area", type=_number(float, low=0.0), default=_MODEL_DEFAULTS.min_overlap_area,
-                       metavar="PX2", help="smallest shared area (px^2, original image scale) that counts as a "
-                                           "crossing rather than a touch (default: %(default)s)")
+    add_min_overlap_area_arg(group)
     group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=_LossWeightsAction, default={},
                        metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "
                                               "each)")
@@ -202,34 +207,34 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="split trained on: annotations/instances_NAME.json (default: %(default)s)")
     group.add_argument("--val-split", default="val", metavar="NAME",
                        help="split evaluated after each epoch (default: %(default)s)")
-    group.add_argument("--epochs", type=_number(int, low=1), default=121, metavar="N",
+    group.add_argument("--epochs", type=number_arg(int, low=1), default=121, metavar="N",
                        help="total epochs to train; the reference recipe's length on 109 images, use fewer on "
                             "large sets (default: %(default)s)")
-    group.add_argument("-b", "--batch-size", type=_number(int, low=1), default=4, metavar="N",
+    group.add_argument("-b", "--batch-size", type=number_arg(int, low=1), default=4, metavar="N",
                        help="images per step and per process (default: %(default)s)")
     group.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer (default: %(default)s)")
-    group.add_argument("--lr", type=_number(float, 0.0, low_open=True), default=None,
+    group.add_argument("--lr", type=number_arg(float, 0.0, low_open=True), default=None,
                        help="learning rate for the total batch (default: 0.02 per 4 images, scaled linearly to "
                             "processes x -b x --accumulate-steps)")
-    group.add_argument("--momentum", type=_number(float, 0.0, 1.0), default=0.9, metavar="M",
+    group.add_argument("--momentum", type=number_arg(float, 0.0, 1.0), default=0.9, metavar="M",
                        help="SGD momentum (default: %(default)s)")
-    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_number(float, low=0.0), default=1e-4,
+    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=number_arg(float, low=0.0), default=1e-4,
                        metavar="WD", help="weight decay (default: %(default)s)")
     group.add_argument("--lr-scheduler", choices=("cosine", "multistep"), default="cosine",
                        help="learning-rate decay after the warmup, per optimizer step (default: %(default)s)")
-    group.add_argument("--lr-steps", type=_number(int, low=1), nargs="+", default=[16, 22], metavar="EPOCH",
+    group.add_argument("--lr-steps", type=number_arg(int, low=1), nargs="+", default=[16, 22], metavar="EPOCH",
                        help="epochs at which multistep multiplies the lr by --lr-gamma (default: %(default)s)")
-    group.add_argument("--lr-gamma", type=_number(float, 0.0, 1.0), default=0.1, metavar="G",
+    group.add_argument("--lr-gamma", type=number_arg(float, 0.0, 1.0), default=0.1, metavar="G",
                        help="multistep lr factor (default: %(default)s)")
-    group.add_argument("--warmup-iters", type=_number(int, low=0), default=None, metavar="N",
+    group.add_argument("--warmup-iters", type=number_arg(int, low=0), default=None, metavar="N",
                        help="linear lr warmup over the first N optimizer steps of the run, across epochs; 0 turns "
                             "it off (default: 300, at most half the run)")
-    group.add_argument("--warmup-factor", type=_number(float, 0.0, 1.0, low_open=True), default=1e-3, metavar="F",
+    group.add_argument("--warmup-factor", type=number_arg(float, 0.0, 1.0, low_open=True), default=1e-3, metavar="F",
                        help="lr factor at the first warmup iteration (default: %(default)s)")
-    group.add_argument("--clip-grad-norm", type=_number(float, low=0.0), default=10.0, metavar="NORM",
+    group.add_argument("--clip-grad-norm", type=number_arg(float, low=0.0), default=10.0, metavar="NORM",
                        help="clip the total gradient norm to NORM before each optimizer step; 0 turns clipping off "
                             "(default: %(default)s)")
-    group.add_argument("--accumulate-steps", type=_number(int, low=1), default=1, metavar="N",
+    group.add_argument("--accumulate-steps", type=number_arg(int, low=1), default=1, metavar="N",
                        help="sum the gradients of N batches per optimizer step (N x -b images per step; batch norm "
                             "still sees -b images per forward, see --norm-layer frozen_bn or --sync-bn) "
                             "(default: %(default)s)")
@@ -241,17 +246,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-augmentation", choices=PRESETS, default="flip",
                        help="training augmentation preset; flip = horizontal + vertical flips (default: %(default)s)")
     add_stain_arg(group, training=True)
-    group.add_argument("--invert-prob", type=_number(float, 0.0, 1.0), default=0.0, metavar="P",
+    group.add_argument("--invert-prob", type=number_arg(float, 0.0, 1.0), default=0.0, metavar="P",
                        help="invert grey levels of a training image with probability P (Q-band <-> G-band look) "
                             "(default: %(default)s)")
     group.add_argument("--aspect-ratio-group-factor", type=int, default=3, metavar="K",
                        help="batch images of similar aspect ratio, 2K+1 ratio bins; -1 turns grouping off "
                             "(default: %(default)s)")
-    group.add_argument("--seed", type=_number(int, low=0), default=None,
+    group.add_argument("--seed", type=number_arg(int, low=0), default=None,
                        help="random seed (default: a fresh one, saved in args.json and the checkpoints)")
-    group.add_argument("--print-freq", type=_number(int, low=1), default=10, metavar="N",
+    group.add_argument("--print-freq", type=number_arg(int, low=1), default=10, metavar="N",
                        help="iterations between progress updates (default: %(default)s)")
-    group.add_argument("--eval-interval", type=_number(int, low=1), default=1, metavar="N",
+    group.add_argument("--eval-interval", type=number_arg(int, low=1), default=1, metavar="N",
                        help="evaluate every N epochs and after the last (default: %(default)s)")
     group.add_argument("--output-dir", default="./save_weights", metavar="DIR",
                        help="where checkpoints, result files and plots go (default: %(default)s)")
@@ -260,19 +265,19 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "tensorboard package)")
     group.add_argument("--tensorboard-dir", default=None, metavar="DIR",
                        help="where --tensorboard writes (default: OUTPUT_DIR/tensorboard)")
-    group.add_argument("--keep-last", type=_number(int, low=0), default=3, metavar="N",
+    group.add_argument("--keep-last", type=number_arg(int, low=0), default=3, metavar="N",
                        help="keep the newest N model_<epoch>.pth (best.pth always kept; 0 keeps all) "
                             "(default: %(default)s)")
     group.add_argument("--resume", default=None, metavar="CKPT",
                        help="continue training from a checkpoint (model_<epoch>.pth); its model config is used")
-    group.add_argument("--start-epoch", type=_number(int, low=0), default=None, metavar="N",
+    group.add_argument("--start-epoch", type=number_arg(int, low=0), default=None, metavar="N",
                        help="epoch to start from (default: 0, or the epoch after the --resume checkpoint)")
     group.add_argument("--test-only", action="store_true",
                        help="only evaluate the --resume checkpoint (or the --pretrained weights) on --val-split and "
                             "write record_mAP.txt/.json")
     group.add_argument("--sync-bn", action="store_true",
                        help="synchronise batch-norm statistics across processes (with --norm-layer bn)")
-    group.add_argument("--dist-timeout", type=_number(int, low=1), default=1800, metavar="S",
+    group.add_argument("--dist-timeout", type=number_arg(int, low=1), default=1800, metavar="S",
                        help="seconds a process waits for the others before the job fails (default: %(default)s)")
 
 

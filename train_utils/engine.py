@@ -68,6 +68,13 @@ def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     optimizer.zero_grad(set_to_none=True)
 
 
+def weighted_loss(loss_dict: Mapping[str, torch.Tensor], loss_weights: Mapping[str, float] | None = None
+                  ) -> torch.Tensor:
+    """The sum of the loss terms, each times its weight in ``loss_weights`` (terms not listed weigh 1)."""
+    weights = loss_weights or {}
+    return sum(value * weights.get(name, 1.0) for name, value in loss_dict.items())
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -80,13 +87,15 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     clip_grad_norm: float | None = None,
     accumulate_steps: int = 1,
+    loss_weights: Mapping[str, float] | None = None,
     print_freq: int = 10,
     show_progress: bool = True,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Train one epoch; returns the epoch mean of every loss term and of their sum (``"loss"``), averaged over
-    processes, plus the ``lr`` of the last optimizer step, ``optimizer_steps``, ``images_per_s`` (all processes
-    together) and ``epoch_time_s``.
+    """Train one epoch; returns the epoch mean of every loss term as the model returns it (unweighted) and of the
+    loss that is minimised (``"loss"``: the terms' sum, each weighted by ``loss_weights``, unlisted terms 1), averaged
+    over processes, plus the ``lr`` of the last optimizer step, ``optimizer_steps``, ``images_per_s`` (all
+    processes together) and ``epoch_time_s``.
 
     Each optimizer step sums the gradients of ``accumulate_steps`` batches, each loss scaled by 1 / the batches in
     its group (the epoch's last group may be shorter); under DDP gradients synchronise on a group's last batch only.
@@ -116,7 +125,7 @@ def train_one_epoch(
             with contextlib.nullcontext() if last_in_group or no_sync is None else no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss_dict = model(images, targets)
-                loss = sum(loss_dict.values())
+                loss = weighted_loss(loss_dict, loss_weights)
                 # one collective per batch: every process's loss terms (and a NaN anywhere reaches all of them)
                 terms = torch.stack([v.detach().float() for v in loss_dict.values()] + [loss.detach().float()])
                 per_rank = distributed.all_gather_tensor(terms)

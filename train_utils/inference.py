@@ -41,7 +41,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 from tqdm import tqdm
 
-from my_dataset_chromosome import DatasetError, load_label_json, read_image
+from my_dataset_chromosome import DatasetError, image_size, load_label_json, read_image
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
 from train_utils import stain
@@ -319,18 +319,21 @@ def predict_files(
     save_overlap_maps: bool = False,
     stain_mode: str = "as-is",
     model_polarity: str | None = None,
+    weights_path: str | os.PathLike = "the checkpoint",
 ) -> PredictionSummary:
     """Predict every image, write the files listed in the module docstring and print one line per image.
 
     Each image is brought to ``model_polarity`` as ``stain_mode`` says (``train_utils.stain``) before the model sees
-    it; its picture is drawn on the image as it was. An unreadable image, or one too large for the memory, is reported on stderr and skipped (listed under
-    ``failed``); the others go on. Both JSON files are complete after every image, so an interrupted run keeps
-    what it did.
+    it; its picture is drawn on the image as it was. An unreadable image, or one too large for the memory, is
+    reported on stderr and skipped (listed under ``failed``); the others go on. Both JSON files are complete after
+    every image, so an interrupted run keeps what it did.
     """
     try:
         output_dir = prepare_output_dir(output_dir)
     except OSError as exc:
         raise InferenceError(str(exc)) from None
+    if model_polarity is None and stain_mode == "auto":
+        print(stain.old_checkpoint_note(weights_path), file=sys.stderr)
     summary = PredictionSummary()
     predictions = PredictionsWriter(output_dir / "predictions.json")
     categories = [{"id": int(label_to_cat_id[k]), "name": label_names[k]} for k in sorted(label_names)]
@@ -350,29 +353,29 @@ def predict_files(
     for image_id, (path, stem) in enumerate(progress, start=1):
         try:
             image = read_image(path)
-        except DatasetError as exc:
-            skip(image_id, path, str(exc))
-            continue
-        polarity = stain.detect_polarity(image)
-        inverted = stain.needs_inversion(polarity, model_polarity, stain_mode)
-        try:
+            height, width = image.shape[-2:]
+            polarity = stain.detect_polarity(image)
+            inverted = stain.needs_inversion(polarity, model_polarity, stain_mode)
             output, seconds, counts = _predict_and_draw(
                 model, image, device, path, output_dir / stem, label_names, overlap_thresh, mask_thresh,
                 save_overlap_maps, inverted)
             predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
+        except DatasetError as exc:
+            skip(image_id, path, str(exc))
+            continue
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise
-            height, width = image.shape[-2:]
+            width, height = image_size(path)
             skip(image_id, path, f"not enough memory to predict this {width}x{height} image ({one_line(exc)})")
             continue
         finally:
+            image = None  # the next image must not wait for this one's memory
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         num = len(output["scores"])
         overlapping = overlapping_detections(output, overlap_thresh)
         num_overlapping = int(overlapping.sum()) if overlapping is not None else 0
-        height, width = image.shape[-2:]
         summary.images.append({
             "id": image_id, "file_name": str(path.resolve()), "width": int(width), "height": int(height), "stem": stem,
             "num_detections": num, "num_overlapping": num_overlapping, "inference_ms": round(seconds * 1000, 1),

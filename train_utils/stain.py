@@ -89,14 +89,19 @@ def dataset_polarities(dataset: ChromosomeDataset, show_progress: bool = True) -
     }
 
 
-def checkpoint_polarity(checkpoint: Mapping, path: object, mode: str) -> str | None:
-    """The polarity a checkpoint's model was trained on; None, with a note on stderr under ``--stain auto``, for a
-    checkpoint from before polarities were recorded (its images are then used as they are, as before)."""
+def checkpoint_polarity(checkpoint: Mapping, path: object, mode: str, announce: bool = True) -> str | None:
+    """The polarity a checkpoint's model was trained on; None for a checkpoint from before polarities were recorded
+    (its images are then used as they are, as before), with ``old_checkpoint_note`` on stderr under ``--stain auto``
+    when ``announce``."""
     polarity = (checkpoint.get("stain") or {}).get("polarity")
-    if polarity is None and mode == "auto":
-        print(f"note: {path} records no stain polarity (it predates the record); images are used as they are "
-              "(--stain invert inverts them)", file=sys.stderr)
+    if polarity is None and mode == "auto" and announce:
+        print(old_checkpoint_note(path), file=sys.stderr)
     return polarity
+
+
+def old_checkpoint_note(path: object) -> str:
+    return (f"note: {path} records no stain polarity (it predates the record); images are used as they are "
+            "(--stain invert inverts them)")
 
 
 def match_dataset(dataset: ChromosomeDataset, target: str | None, mode: str, show_progress: bool = True) -> None:

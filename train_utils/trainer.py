@@ -334,7 +334,8 @@ class TrainingJob:
             stats = engine.train_one_epoch(
                 self.model, self.optimizer, self.train_loader, device, epoch, lr_scheduler=self.lr_scheduler,
                 scaler=self.scaler, amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm,
-                accumulate_steps=args.accumulate_steps, print_freq=args.print_freq, show_progress=info.is_main,
+                accumulate_steps=args.accumulate_steps, loss_weights=self.config.loss_weights,
+                print_freq=args.print_freq, show_progress=info.is_main,
                 on_log=on_log,
             )
             distributed.broadcast_buffers(self.model_without_ddp)  # process 0's BN statistics: the checkpointed model
