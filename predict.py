@@ -3,7 +3,8 @@
     python predict.py --weights-path save_weights/best.pth metaphase.tif more_images/ "batch_*/*.png" --output-dir P
 
 The model is rebuilt from the checkpoint alone. Writes ``P/<stem>_pred.png`` per image, ``P/predictions.json`` (COCO
-results) and ``P/images.json`` (image ids to files); see ``train_utils/inference.py`` for the formats. An unreadable
+results) and ``P/images.json`` (image ids to files), and with ``--crops DIR`` each chromosome upright as its own
+image (see ``train_utils/crops.py``); see ``train_utils/inference.py`` for the formats. An unreadable
 image, or one too large for the memory, is reported and skipped; the others are predicted, and the exit status is
 then 2. The JSON files are complete after every image.
 """
@@ -16,9 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
 from train_utils.args import ArgumentParser, UserError, add_device_args, add_model_check_arg, add_threshold_args  # noqa: E402
-from train_utils.args import add_stain_arg, check_model_name, print_error  # noqa: E402
+from train_utils.args import add_stain_arg, check_model_name, number_arg, print_error  # noqa: E402
 from train_utils.checkpoint import CheckpointError, load_model_from_checkpoint  # noqa: E402
-from train_utils.inference import InferenceError, expand_inputs, label_maps, predict_files, prepare_model  # noqa: E402
+from train_utils.crops import CROP_BACKGROUNDS  # noqa: E402
+from train_utils.inference import CropOptions, InferenceError, expand_inputs, label_maps, predict_files  # noqa: E402
+from train_utils.inference import prepare_model  # noqa: E402
 from train_utils.stain import checkpoint_polarity  # noqa: E402
 
 
@@ -36,6 +39,17 @@ def get_args_parser() -> ArgumentParser:
                         help="DaCSeg: outline detections whose overlap score is at least P (default: %(default)s)")
     parser.add_argument("--save-overlap-maps", action="store_true",
                         help="DaCSeg: also write each image's four overlap probability maps as grey PNGs")
+    crops = parser.add_argument_group("karyotype crops")
+    crops.add_argument("--crops", default=None, metavar="DIR",
+                       help="also write each detected chromosome upright on a clean background, a contact sheet per "
+                            "image and crops.json into DIR")
+    crops.add_argument("--crop-background", choices=CROP_BACKGROUNDS, default="auto",
+                       help="colour around each crop; auto: white for dark-on-bright (G-band) images, black for "
+                            "bright-on-dark (Q-band) ones (default: %(default)s)")
+    crops.add_argument("--crop-margin", type=number_arg(int, low=0), default=8, metavar="PX",
+                       help="background pixels around each chromosome (default: %(default)s)")
+    crops.add_argument("--crop-height", type=number_arg(int, low=1), default=None, metavar="PX",
+                       help="scale every crop to this height (default: keep the image's pixel scale)")
     add_device_args(parser)
     add_threshold_args(parser)
     add_model_check_arg(parser)
@@ -64,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             save_overlap_maps=args.save_overlap_maps, stain_mode=args.stain,
             model_polarity=checkpoint_polarity(checkpoint, args.weights_path, args.stain, announce=False),
             weights_path=args.weights_path,
+            crops=None if args.crops is None else CropOptions(Path(args.crops), args.crop_background, args.crop_margin,
+                                                              args.crop_height),
         )
     except (CheckpointError, DatasetError, InferenceError, UserError) as exc:
         print_error(exc)

@@ -47,6 +47,7 @@ from network_files.dacseg import OVERLAP_MAP_KEYS
 from train_utils import stain
 from train_utils.args import one_line
 from train_utils.coco_results import outputs_to_coco_results
+from train_utils.crops import CROPS_JSON, crop_background, write_image_crops
 from train_utils.results import prepare_output_dir, replace_file
 from train_utils.visualize import draw_instances
 
@@ -214,13 +215,14 @@ def overlay(
     title: str | None = None,
     mask_thresh: float = 0.5,
 ) -> Image.Image:
-    """The prediction picture: masks, boxes, score captions, overlapping instances outlined."""
+    """The prediction picture: masks, boxes, captions ``<number>: <score>`` (numbered from 1 in score order, as the
+    karyotype crops), overlapping instances outlined."""
     scores = output["scores"].tolist()
     labels = output["labels"].tolist()
     if len(label_names) > 1:
-        captions = [f"{label_names.get(int(lab), lab)} {s:.2f}" for lab, s in zip(labels, scores)]
+        captions = [f"{k}: {label_names.get(int(lab), lab)} {s:.2f}" for k, (lab, s) in enumerate(zip(labels, scores), 1)]
     else:
-        captions = [f"{s:.2f}" for s in scores]
+        captions = [f"{k}: {s:.2f}" for k, s in enumerate(scores, 1)]
     masks = output["masks"][:, 0]
     masks = masks if masks.dtype == torch.bool else masks > mask_thresh
     overlapping = overlapping_detections(output, overlap_thresh)
@@ -297,6 +299,16 @@ def _predict_and_draw(model, image, device, path: Path, prefix: Path, label_name
 
 
 @dataclass
+class CropOptions:
+    """``predict.py --crops``: where the karyotype crops go and how they look (``train_utils.crops``)."""
+
+    folder: Path
+    background: str = "auto"
+    margin: int = 8
+    height: int | None = None
+
+
+@dataclass
 class PredictionSummary:
     """What ``predict_files`` did: the ``images.json`` image entries, the failures and the detections kept."""
 
@@ -320,6 +332,7 @@ def predict_files(
     stain_mode: str = "as-is",
     model_polarity: str | None = None,
     weights_path: str | os.PathLike = "the checkpoint",
+    crops: CropOptions | None = None,
 ) -> PredictionSummary:
     """Predict every image, write the files listed in the module docstring and print one line per image.
 
@@ -332,6 +345,12 @@ def predict_files(
         output_dir = prepare_output_dir(output_dir)
     except OSError as exc:
         raise InferenceError(str(exc)) from None
+    crop_entries: list[dict[str, Any]] = []
+    if crops is not None:
+        try:
+            crops_dir = prepare_output_dir(crops.folder, "--crops")
+        except OSError as exc:
+            raise InferenceError(str(exc)) from None
     if model_polarity is None and stain_mode == "auto":
         print(stain.old_checkpoint_note(weights_path), file=sys.stderr)
     summary = PredictionSummary()
@@ -360,6 +379,11 @@ def predict_files(
                 model, image, device, path, output_dir / stem, label_names, overlap_thresh, mask_thresh,
                 save_overlap_maps, inverted)
             predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
+            if crops is not None:
+                background = crop_background(crops.background, polarity)
+                crop_entries += write_image_crops(image, output, image_id, path, stem, crops_dir, background,
+                                                  crops.margin, crops.height)
+                replace_file(crops_dir / CROPS_JSON, json.dumps(crop_entries, indent=1) + "\n")
         except DatasetError as exc:
             skip(image_id, path, str(exc))
             continue
