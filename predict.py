@@ -23,6 +23,7 @@ from train_utils.crops import CROP_BACKGROUNDS  # noqa: E402
 from train_utils.inference import CropOptions, InferenceError, expand_inputs, label_maps, predict_files  # noqa: E402
 from train_utils.inference import prepare_model  # noqa: E402
 from train_utils.stain import checkpoint_polarity  # noqa: E402
+from train_utils.tta import FlipTTA  # noqa: E402
 
 
 def get_args_parser() -> ArgumentParser:
@@ -39,6 +40,9 @@ def get_args_parser() -> ArgumentParser:
                         help="DaCSeg: outline detections whose overlap score is at least P (default: %(default)s)")
     parser.add_argument("--save-overlap-maps", action="store_true",
                         help="DaCSeg: also write each image's four overlap probability maps as grey PNGs")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flips: predict the image and its three flips and merge them by mask matching "
+                             "(about 4x the time)")
     crops = parser.add_argument_group("karyotype crops")
     crops.add_argument("--crops", default=None, metavar="DIR",
                        help="also write each detected chromosome upright on a clean background, a contact sheet per "
@@ -60,6 +64,8 @@ def get_args_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.save_overlap_maps and args.tta:
+        parser.error("argument --tta: not with --save-overlap-maps (the maps are not merged over flips)")
     if not 0.0 <= args.overlap_thresh <= 1.0:
         parser.error(f"argument --overlap-thresh: {args.overlap_thresh} is not in 0..1")
     try:
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"--save-overlap-maps needs a DaCSeg checkpoint; {args.weights_path} holds a {config.name} model"
             )
         prepare_model(model, config, args.score_thresh, overlap_maps=args.save_overlap_maps)
+        if args.tta:
+            model = FlipTTA(model, score_thresh=args.score_thresh, mask_thresh=args.mask_thresh).eval()
         summary = predict_files(
             model, paths, args.output_dir, label_names, label_to_cat_id, device=args.device,
             score_thresh=args.score_thresh, overlap_thresh=args.overlap_thresh, mask_thresh=args.mask_thresh,

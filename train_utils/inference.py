@@ -49,6 +49,7 @@ from train_utils.args import one_line
 from train_utils.coco_results import outputs_to_coco_results
 from train_utils.crops import CROPS_JSON, crop_background, write_image_crops
 from train_utils.results import prepare_output_dir, replace_file
+from train_utils.tta import FlipTTA
 from train_utils.visualize import draw_instances
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -164,6 +165,12 @@ def predict_image(
     device = torch.device(device)
     image = image.to(device)
     start = time.perf_counter()
+    if isinstance(model, FlipTTA):  # four views merged at full size (see train_utils.tta)
+        output = model([image])[0]
+        output["masks"] = output["masks"] > mask_thresh
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {k: v.cpu() for k, v in output.items()}, time.perf_counter() - start
     batch, _ = model.transform([image])
     features = model.backbone(batch.tensors)
     proposals, _ = model.rpn(batch, features)

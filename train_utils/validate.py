@@ -24,6 +24,7 @@ from train_utils.checkpoint import CheckpointError, config_from_checkpoint, load
 from train_utils.coco_eval import evaluate_results
 from train_utils.engine import collate_fn, predict_results
 from train_utils.record import format_summary, write_record
+from train_utils.tta import FlipTTA
 
 # written next to predictions.json by predict.py: maps its image ids (input order) to image files
 PREDICT_IMAGES_JSON = "images.json"
@@ -48,6 +49,8 @@ def get_args_parser() -> ArgumentParser:
     add_threshold_args(parser)
     add_model_check_arg(parser)
     add_stain_arg(parser)
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flips: score the merge of each image and its three flips (train_utils.tta)")
     parser.add_argument("-b", "--batch-size", type=int, default=1, metavar="N",
                         help="images per inference batch (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="K",
@@ -67,6 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"argument --num-classes: {args.num_classes} must be >= 1 (background not counted)")
     if args.model is not None and args.results_json is not None:
         parser.error("argument --model: checks a --weights-path checkpoint; a --results-json file has no model")
+    if args.tta and args.results_json is not None:
+        parser.error("argument --tta: runs a --weights-path model; a --results-json file is scored as it is")
     return args
 
 
@@ -168,12 +173,15 @@ def _checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
     stain.match_dataset(dataset, polarity, args.stain)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                         collate_fn=collate_fn)
+    if args.tta:
+        model = FlipTTA(model, score_thresh=float(model.roi_heads.score_thresh), mask_thresh=args.mask_thresh)
     results, image_ids = predict_results(model, loader, torch.device(args.device), label_to_cat_id,
                                          mask_threshold=args.mask_thresh, show_progress=True)
     record = evaluate_results(dataset.coco, results, args.score_thresh, image_ids=image_ids,
                               min_overlap_area=config.min_overlap_area)
     record.update(weights_path=str(args.weights_path), epoch=checkpoint.get("epoch"), model=config.name,
-                  stain={"mode": args.stain, "model_polarity": polarity, "inverted": len(dataset.invert_ids)})
+                  stain={"mode": args.stain, "model_polarity": polarity, "inverted": len(dataset.invert_ids)},
+                  tta=bool(args.tta))
     return record
 
 
