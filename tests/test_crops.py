@@ -95,7 +95,9 @@ def test_predict_writes_upright_crops_a_sheet_and_crops_json(tmp_path, monkeypat
     crops = tmp_path / "crops"
     assert predict.main(["--weights-path", str(ckpt), str(tmp_path / "cell.png"), "--output-dir", str(tmp_path / "p"),
                          "--device", "cpu", "--crops", str(crops), "--crop-margin", "4"]) == 0
-    entries = json.loads((crops / "crops.json").read_text())
+    text = (crops / "crops.json").read_text()
+    entries = json.loads(text)
+    assert text.count("\n") == len(entries) + 2  # one crop per line
     assert [(e["detection"], e["crop_file"]) for e in entries] == [(1, "cell_001.png"), (2, "cell_002.png")]
     for entry, (length, _, angle) in zip(entries, bars):
         assert abs(entry["length_px"] - length) <= 3 and entry["score"] in (0.9, 0.8)

@@ -7,7 +7,7 @@ What ``predict.py --crops DIR`` writes (``write_image_crops``):
   longest dimension vertical. Pixels outside the mask are the background colour. A crossing chromosome keeps its
   whole (amodal) mask, so the chromosome it crosses shows through where they overlap.
 - ``DIR/<stem>_sheet.png``: every crop of the image in one grid, longest first, each under its number.
-- ``DIR/crops.json``: one entry per crop (see ``crop_entry``), rewritten after every image.
+- ``DIR/crops.json``: a JSON list, one entry per crop and line (see ``crop_entry``), rewritten after every image.
 """
 from __future__ import annotations
 

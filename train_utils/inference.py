@@ -269,6 +269,12 @@ class PredictionsWriter:
         self.file.close()
 
 
+def json_list_text(items: Sequence[Mapping[str, Any]]) -> str:
+    """A JSON list with one object per line (the layout of ``predictions.json`` and ``crops.json``)."""
+    lines = ",\n".join(json.dumps(item, separators=(", ", ": ")) for item in items)
+    return f"[\n{lines}\n]\n" if items else "[]\n"
+
+
 def write_predictions(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """``predictions.json`` in one go (the format of ``PredictionsWriter``)."""
     writer = PredictionsWriter(path)
@@ -390,7 +396,7 @@ def predict_files(
                 background = crop_background(crops.background, polarity)
                 crop_entries += write_image_crops(image, output, image_id, path, stem, crops_dir, background,
                                                   crops.margin, crops.height)
-                replace_file(crops_dir / CROPS_JSON, json.dumps(crop_entries, indent=1) + "\n")
+                replace_file(crops_dir / CROPS_JSON, json_list_text(crop_entries))
         except DatasetError as exc:
             skip(image_id, path, str(exc))
             continue
