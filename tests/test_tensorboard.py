@@ -2,6 +2,7 @@
 the package."""
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -21,10 +22,17 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_a_run_writes_loss_terms_lr_and_the_record(tiny_coco, tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch(tiny_coco, tmp_path_factory):
+    """A one-epoch run with --tensorboard, shared by the tests below (copy it before writing into it)."""
     pytest.importorskip("tensorboard")
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("tensorboard") / "run"
     assert train.main(tiny_args(tiny_coco, out, "--epochs", "1", "--tensorboard", "--print-freq", "1")) == 0
+    return out
+
+
+def test_a_run_writes_loss_terms_lr_and_the_record(one_epoch):
+    out = one_epoch
     scalars = _scalars(out / "tensorboard")
     for term in (*LOSS_TERMS, "loss", "lr"):
         assert [step for step, _ in scalars[f"train/{term}"]] == [0, 1], term  # 4 images, -b 2: 2 batches
@@ -35,10 +43,9 @@ def test_a_run_writes_loss_terms_lr_and_the_record(tiny_coco, tmp_path):
     assert scalars["train/lr"][1][1] > scalars["train/lr"][0][1] > 0  # warming up
 
 
-def test_a_resumed_run_appends_to_the_same_log(tiny_coco, tmp_path):
-    pytest.importorskip("tensorboard")
+def test_a_resumed_run_appends_to_the_same_log(one_epoch, tiny_coco, tmp_path):
     out = tmp_path / "run"
-    assert train.main(tiny_args(tiny_coco, out, "--epochs", "1", "--tensorboard", "--print-freq", "1")) == 0
+    shutil.copytree(one_epoch, out)
     resume = tiny_args(tiny_coco, out, "--epochs", "2", "--tensorboard", "--print-freq", "1", "--resume",
                        str(out / "model_0.pth"), seed=False)
     assert train.main(resume) == 0

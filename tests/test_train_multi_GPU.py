@@ -106,11 +106,10 @@ sys.exit(train_multi_GPU.main())
 """
 
 
-@pytest.mark.parametrize("error, line", [
-    ('RuntimeError("injected failure on rank 1")', "error: [rank 1] failed: RuntimeError: injected failure on rank 1"),
-    ('DatasetError("cannot read image x.png: truncated")', "error: [rank 1] cannot read image x.png: truncated"),
-])
-def test_a_failing_process_ends_the_job_and_the_others_stop_quietly(tiny_coco, tmp_path, error, line):
+def test_a_failing_process_ends_the_job_and_the_others_stop_quietly(tiny_coco, tmp_path):
+    """A user error on rank 1 (an unexpected one takes the same path, with its traceback on rank 1 only)."""
+    error = 'DatasetError("cannot read image x.png: truncated")'
+    line = "error: [rank 1] cannot read image x.png: truncated"
     script = tmp_path / "failing_train.py"
     script.write_text(FAILING_SCRIPT.format(repo=str(REPO), error=error))
     start = time.monotonic()
