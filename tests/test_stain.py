@@ -146,15 +146,22 @@ def test_a_resumed_run_keeps_the_checkpoints_look(tmp_path):
 # prediction: each image to the checkpoint's look
 
 
-def checkpoint_with_look(path: Path, look: str | None) -> Path:
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str | None, Path]:
+    """One untrained model saved as a bright-on-dark, a dark-on-bright and an older (unrecorded) checkpoint."""
     torch.manual_seed(0)
     config = ModelConfig(min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn",
                          box_detections_per_img=3)
-    state = {"model": build_model(config).state_dict(), "model_config": config.to_dict(), "epoch": 0}
-    if look is not None:
-        state["stain"] = {"polarity": look, "train_counts": {look: 4}}
-    save_checkpoint(state, path)
-    return path
+    weights = build_model(config).state_dict()
+    folder = tmp_path_factory.mktemp("looks")
+    paths = {}
+    for look in (BRIGHT_ON_DARK, DARK_ON_BRIGHT, None):
+        state = {"model": weights, "model_config": config.to_dict(), "epoch": 0}
+        if look is not None:
+            state["stain"] = {"polarity": look, "train_counts": {look: 4}}
+        paths[look] = folder / f"{look or 'old'}.pth"
+        save_checkpoint(state, paths[look])
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +175,8 @@ def q_and_g_images(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("look, mode, inverted", [
     (BRIGHT_ON_DARK, "auto", {"gband"}), (DARK_ON_BRIGHT, "auto", {"qband"}), (BRIGHT_ON_DARK, "as-is", set()),
     (BRIGHT_ON_DARK, "invert", {"qband", "gband"}), (None, "auto", set())])
-def test_predict_brings_each_image_to_the_checkpoints_look(q_and_g_images, tmp_path, monkeypatch, capsys, look,
-                                                          mode, inverted):
+def test_predict_brings_each_image_to_the_checkpoints_look(q_and_g_images, checkpoints, tmp_path, monkeypatch, capsys,
+                                                          look, mode, inverted):
     from train_utils import inference
 
     seen = {}
@@ -180,7 +187,7 @@ def test_predict_brings_each_image_to_the_checkpoints_look(q_and_g_images, tmp_p
         return real(model, image, *args, **kwargs)
 
     monkeypatch.setattr(inference, "predict_image", spy)
-    ckpt = checkpoint_with_look(tmp_path / "m.pth", look)
+    ckpt = checkpoints[look]
     out = tmp_path / "pred"
     argv = ["--weights-path", str(ckpt), str(q_and_g_images), "--output-dir", str(out), "--device", "cpu",
             "--stain", mode]

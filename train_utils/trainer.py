@@ -421,7 +421,8 @@ def _end_epoch(output_dir: Path, epoch: int, stats: dict[str, float], record: di
     if improved:
         save_checkpoint(state, output_dir / BEST_CHECKPOINT)
     prune_checkpoints(output_dir, keep_last)
-    plots.plot_all(results.read_jsonl(output_dir / results.METRICS_JSONL), output_dir)
+    if record is not None:  # redrawn with each evaluation (the last epoch always has one), not every epoch
+        plots.plot_all(results.read_jsonl(output_dir / results.METRICS_JSONL), output_dir)
     summary = f"  |  {format_summary(record)}" if record else ""
     print(f"epoch {epoch}: loss {stats['loss']:.4f}  lr {stats['lr']:.6f}  {stats['images_per_s']:.1f} img/s  "
         f"{stats['epoch_time_s']:.0f} s{summary}", flush=True)
