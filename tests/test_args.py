@@ -82,6 +82,8 @@ def test_seed_flag_names():
     (DATA + ["--trainable-backbone-layers", "6"], "6"),
     (DATA + ["--score-thresh", "1.5"], "1.5"),
     (DATA + ["--lr-scheduler", "multistep", "--lr-steps", "9", "3"], "--lr-steps"),
+    (DATA + ["--save-every", "0"], "--save-every"),
+    (DATA + ["--stain", "sometimes"], "sometimes"),
 ])
 def test_bad_flags_give_one_line(capsys, argv, culprit):
     assert culprit in _error_line(capsys, argv)

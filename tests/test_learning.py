@@ -43,8 +43,9 @@ def test_training_learns_the_images_it_saw(same_images, tmp_path, model, extra):
     argv = ["--data-path", str(same_images), "--output-dir", str(out), "--device", "cpu", "--workers", "0",
             "--model", model, "--backbone", "resnet18", "-b", "2", "--lr", "0.02", "--epochs", str(EPOCHS[model]),
             "--eval-interval", str(EPOCHS[model]), "--min-size", "128", "--max-size", "160", "--seed", "0",
-            "--keep-last", "1", *extra]
+            "--keep-last", "0", "--save-every", "100", *extra]
     assert train.main(argv) == 0
+    assert [p.name for p in out.glob("model_*.pth")] == [f"model_{EPOCHS[model] - 1}.pth"]  # only after the last
     records = read_jsonl(out / "metrics.jsonl")
     assert len(records) == EPOCHS[model]
     drop = records[0]["loss"] / records[-1]["loss"]

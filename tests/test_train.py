@@ -26,7 +26,8 @@ LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
 
 def tiny_args(data: Path, out: Path, *extra: str, seed: bool = True) -> list[str]:
     return ["--data-path", str(data), "--output-dir", str(out), "--device", "cpu", "--workers", "0", "-b", "2",
-            "--min-size", "128", "--max-size", "160", "--trainable-backbone-layers", "0", "--lr", "0.002",
+            "--backbone", "resnet18", "--min-size", "128", "--max-size", "160", "--trainable-backbone-layers", "0",
+            "--lr", "0.002",
             "--clip-grad-norm", "10", *(["--seed", "0"] if seed else []), *extra]
 
 

@@ -23,7 +23,8 @@ DACSEG_TERMS = ("loss_overlap_cls", "loss_overlap", "loss_overlap_edge", "loss_o
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-path", str(data), "--output-dir", str(out), "--device", "cpu", "--workers", "0", "-b", "1",
-            "--min-size", "128", "--max-size", "160", "--trainable-backbone-layers", "0", "--lr", "0.002",
+            "--backbone", "resnet18", "--min-size", "128", "--max-size", "160", "--trainable-backbone-layers", "0",
+            "--lr", "0.002",
             "--model", "dacseg", "--overlap-cls-head", "conv", "--seed", "0", "--dist-timeout", "60", *extra]
 
 

@@ -265,6 +265,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "tensorboard package)")
     group.add_argument("--tensorboard-dir", default=None, metavar="DIR",
                        help="where --tensorboard writes (default: OUTPUT_DIR/tensorboard)")
+    group.add_argument("--save-every", type=number_arg(int, low=1), default=1, metavar="N",
+                       help="write model_<epoch>.pth every N epochs and after the last one; a resume goes back to "
+                            "the newest (default: %(default)s)")
     group.add_argument("--keep-last", type=number_arg(int, low=0), default=3, metavar="N",
                        help="keep the newest N model_<epoch>.pth (best.pth always kept; 0 keeps all) "
                             "(default: %(default)s)")

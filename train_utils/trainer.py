@@ -340,7 +340,7 @@ class TrainingJob:
             )
             distributed.broadcast_buffers(self.model_without_ddp)  # process 0's BN statistics: the checkpointed model
             evaluating = (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1
-            if evaluating and info.is_main:  # the epoch's training is safe before its evaluation starts
+            if evaluating and info.is_main and self.saves(epoch):  # the training is safe before the evaluation
                 save_checkpoint({**self.state(epoch, best_ap), "pending_eval": stats},
                                 Path(args.output_dir) / f"model_{epoch}.pth")
             best_ap = self.finish_epoch(epoch, stats, best_ap, evaluating)
@@ -359,10 +359,14 @@ class TrainingJob:
             best_ap = segm_ap
         if self.info.is_main:
             _end_epoch(Path(self.args.output_dir), epoch, stats, record, self.state(epoch, best_ap), improved,
-                       self.args.keep_last)
+                       self.args.keep_last, save=self.saves(epoch))
             if self.board is not None:
                 self.board.epoch((epoch + 1) * len(self.train_loader) - 1, stats, record)
         return best_ap
+
+    def saves(self, epoch: int) -> bool:
+        """Whether ``model_<epoch>.pth`` is written (``--save-every``; always after the last epoch)."""
+        return (epoch + 1) % self.args.save_every == 0 or epoch == self.args.epochs - 1
 
     def state(self, epoch: int, best_ap: float | None) -> dict[str, Any]:
         return checkpoint_state(self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler, epoch,
@@ -414,10 +418,11 @@ def _optimization(model: torch.nn.Module, args: argparse.Namespace, info: DistIn
 
 
 def _end_epoch(output_dir: Path, epoch: int, stats: dict[str, float], record: dict | None, state: dict[str, Any],
-               improved: bool, keep_last: int) -> None:
+               improved: bool, keep_last: int, save: bool = True) -> None:
     """Process 0's writes after an epoch: result lines, checkpoints, plots, and the progress line."""
     _write_epoch(output_dir, epoch, stats, record)
-    save_checkpoint(state, output_dir / f"model_{epoch}.pth")
+    if save:
+        save_checkpoint(state, output_dir / f"model_{epoch}.pth")
     if improved:
         save_checkpoint(state, output_dir / BEST_CHECKPOINT)
     prune_checkpoints(output_dir, keep_last)
