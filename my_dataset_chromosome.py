@@ -81,6 +81,9 @@ def _read_16_bit_colour_png(path: Path) -> np.ndarray:
 
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+# what Pillow and tifffile raise for a file they cannot decode
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, RuntimeError, ValueError, SyntaxError, IndexError,
+                  tifffile.TiffFileError)
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -123,7 +126,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
                 return int(page.imagewidth), int(page.imagelength)
         with Image.open(path) as img:
             return img.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, IndexError, tifffile.TiffFileError) as exc:
+    except _DECODE_ERRORS as exc:
         raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
 
 
@@ -140,8 +143,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         raise DatasetError(f"image not found: {path}")
     try:
         array = _read_tiff(path) if _is_tiff(path) else _read_with_pillow(path)
-    except (OSError, UnidentifiedImageError, RuntimeError, ValueError, SyntaxError, IndexError,
-            tifffile.TiffFileError) as exc:
+    except _DECODE_ERRORS as exc:
         raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if tensor.ndim == 2:

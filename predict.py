@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             model = FlipTTA(model, score_thresh=args.score_thresh, mask_thresh=args.mask_thresh).eval()
         summary = predict_files(
             model, paths, args.output_dir, label_names, label_to_cat_id, device=args.device,
-            score_thresh=args.score_thresh, overlap_thresh=args.overlap_thresh, mask_thresh=args.mask_thresh,
+            overlap_thresh=args.overlap_thresh, mask_thresh=args.mask_thresh,
             save_overlap_maps=args.save_overlap_maps, stain_mode=args.stain,
             model_polarity=checkpoint_polarity(checkpoint, args.weights_path, args.stain, announce=False),
             weights_path=args.weights_path,

@@ -16,8 +16,8 @@ What ``predict_files`` writes into the output folder:
   "inference_ms", "polarity", "inverted"}], "categories": [{"id", "name"}], "failed": [{"id", "file_name",
   "error"}]}``; ``file_name`` is the image's absolute path, ``polarity`` the image's own stain polarity
   (``bright-on-dark`` or ``dark-on-bright``) and ``inverted`` whether the model saw it inverted (``--stain``).
-  ``image_id`` is the image's position in the expanded input list, from 1 (an image that could not be read, or not predicted in the memory there is, keeps its number, under
-  ``failed``). Both JSON files are complete after every image, so a run that is stopped keeps what it did.
+  ``image_id`` is the image's position in the expanded input list, from 1 (an image that could not be read, or not
+  predicted in the memory there is, keeps its number, under ``failed``). Both JSON files are complete after every image, so a run that is stopped keeps what it did.
 
 ``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
 front (``a__img``, ``b__img``) and, for one folder, the suffix behind (``img_png``, ``img_tif``), so no output
@@ -257,9 +257,8 @@ class PredictionsWriter:
     def add(self, results: Sequence[Mapping[str, Any]]) -> None:
         if not results:
             return
-        lines = ",\n".join(json.dumps(r, separators=(", ", ": ")) for r in results)
         self.file.seek(self.body_end)
-        self.file.write((",\n" if self.count else "\n").encode() + lines.encode())
+        self.file.write((",\n" if self.count else "\n").encode() + _json_lines(results).encode())
         self.body_end, self.count = self.file.tell(), self.count + len(results)
         self.file.write(b"\n]\n")
         self.file.truncate()
@@ -269,17 +268,18 @@ class PredictionsWriter:
         self.file.close()
 
 
+def _json_lines(items: Sequence[Mapping[str, Any]]) -> str:
+    return ",\n".join(json.dumps(item, separators=(", ", ": ")) for item in items)
+
+
 def json_list_text(items: Sequence[Mapping[str, Any]]) -> str:
     """A JSON list with one object per line (the layout of ``predictions.json`` and ``crops.json``)."""
-    lines = ",\n".join(json.dumps(item, separators=(", ", ": ")) for item in items)
-    return f"[\n{lines}\n]\n" if items else "[]\n"
+    return f"[\n{_json_lines(items)}\n]\n" if items else "[]\n"
 
 
 def write_predictions(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """``predictions.json`` in one go (the format of ``PredictionsWriter``)."""
-    writer = PredictionsWriter(path)
-    writer.add(results)
-    writer.close()
+    Path(path).write_text(json_list_text(results))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -292,15 +292,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def _predict_and_draw(model, image, device, path: Path, prefix: Path, label_names, overlap_thresh: float,
                       mask_thresh: float, save_overlap_maps: bool,
-                      inverted: bool = False) -> tuple[dict[str, torch.Tensor], float, str]:
+                      inverted: bool = False) -> tuple[dict[str, torch.Tensor], float, str, int]:
     """Predict one image (the model sees it inverted when asked) and write its pictures on the image as it is;
-    returns (output, seconds, the counts caption)."""
+    returns (output, seconds, the counts caption, the number predicted overlapping)."""
     output, seconds = predict_image(model, stain.invert(image) if inverted else image, device, mask_thresh)
     overlapping = overlapping_detections(output, overlap_thresh)
     num = len(output["scores"])
+    num_overlapping = int(overlapping.sum()) if overlapping is not None else 0
     counts = f"{num} detection{'s' if num != 1 else ''}"
     if overlapping is not None:
-        counts += f", {int(overlapping.sum())} overlapping"
+        counts += f", {num_overlapping} overlapping"
     if inverted:
         counts += " (inverted for the model)"
     picture = overlay(image, output, label_names, overlap_thresh, f"{path.name}: {counts}", mask_thresh)
@@ -308,7 +309,7 @@ def _predict_and_draw(model, image, device, path: Path, prefix: Path, label_name
     if save_overlap_maps:
         for key, grey in overlap_map_images(output).items():
             grey.save(f"{prefix}_{key}.png")
-    return output, seconds, counts
+    return output, seconds, counts, num_overlapping
 
 
 @dataclass
@@ -338,7 +339,6 @@ def predict_files(
     label_names: Mapping[int, str],
     label_to_cat_id: Mapping[int, int],
     device: torch.device | str = "cpu",
-    score_thresh: float = 0.5,
     overlap_thresh: float = 0.5,
     mask_thresh: float = 0.5,
     save_overlap_maps: bool = False,
@@ -349,7 +349,7 @@ def predict_files(
 ) -> PredictionSummary:
     """Predict every image, write the files listed in the module docstring and print one line per image.
 
-    Each image is brought to ``model_polarity`` as ``stain_mode`` says (``train_utils.stain``) before the model sees
+    The model returns the detections to keep (``prepare_model`` sets its score threshold). Each image is brought to ``model_polarity`` as ``stain_mode`` says (``train_utils.stain``) before the model sees
     it; its picture is drawn on the image as it was. An unreadable image, or one too large for the memory, is
     reported on stderr and skipped (listed under ``failed``); the others go on. Both JSON files are complete after
     every image, so an interrupted run keeps what it did.
@@ -388,7 +388,7 @@ def predict_files(
             height, width = image.shape[-2:]
             polarity = stain.detect_polarity(image)
             inverted = stain.needs_inversion(polarity, model_polarity, stain_mode)
-            output, seconds, counts = _predict_and_draw(
+            output, seconds, counts, num_overlapping = _predict_and_draw(
                 model, image, device, path, output_dir / stem, label_names, overlap_thresh, mask_thresh,
                 save_overlap_maps, inverted)
             predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id, mask_thresh))
@@ -411,8 +411,6 @@ def predict_files(
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         num = len(output["scores"])
-        overlapping = overlapping_detections(output, overlap_thresh)
-        num_overlapping = int(overlapping.sum()) if overlapping is not None else 0
         summary.images.append({
             "id": image_id, "file_name": str(path.resolve()), "width": int(width), "height": int(height), "stem": stem,
             "num_detections": num, "num_overlapping": num_overlapping, "inference_ms": round(seconds * 1000, 1),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -104,10 +104,15 @@ def old_checkpoint_note(path: object) -> str:
             "(--stain invert inverts them)")
 
 
-def match_dataset(dataset: ChromosomeDataset, target: str | None, mode: str, show_progress: bool = True) -> None:
-    """Mark the dataset's images that ``--stain mode`` inverts for a model of polarity ``target``."""
+def match_dataset(dataset: ChromosomeDataset, target: str | None, mode: str, show_progress: bool = True,
+                  find: Callable[[ChromosomeDataset], dict[int, str]] | None = None) -> None:
+    """Mark the dataset's images that ``--stain mode`` inverts for a model of polarity ``target``; ``find`` gives
+    the images' polarities when they are needed (default: ``dataset_polarities``)."""
     if mode == "as-is" or (mode == "auto" and target is None):
         dataset.invert_ids = set()
         return
-    found = dataset_polarities(dataset, show_progress) if mode == "auto" else dict.fromkeys(dataset.ids, "")
+    if mode == "auto":
+        found = find(dataset) if find is not None else dataset_polarities(dataset, show_progress)
+    else:
+        found = dict.fromkeys(dataset.ids, "")
     dataset.invert_ids = images_to_invert(found, target, mode)

@@ -228,10 +228,7 @@ def match_stain(args: argparse.Namespace, info: DistInfo, checkpoint: dict[str, 
             f"inverted as they load)")
     elif info.is_main:
         stain.checkpoint_polarity(checkpoint or {}, args.resume, args.stain)  # the note for an older checkpoint
-    if args.stain == "auto" and target is not None:
-        val_ds.invert_ids = stain.images_to_invert(polarities(val_ds), target, args.stain)
-    else:
-        stain.match_dataset(val_ds, target, args.stain)
+    stain.match_dataset(val_ds, target, args.stain, find=polarities)
     args.stain_polarity, args.stain_counts = target, counts
 
 

@@ -60,7 +60,7 @@ def merge_views(views: Sequence[dict[str, torch.Tensor]], score_thresh: float = 
                 break
         else:
             groups.append([i])
-    height, width = every["masks"].shape[-2:] if len(order) else views[0]["masks"].shape[-2:]
+    height, width = views[0]["masks"].shape[-2:]
     merged: dict[str, list[torch.Tensor]] = {key: [] for key in every}
     for group in groups:
         index = torch.tensor(group)
