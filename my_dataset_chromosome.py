@@ -37,6 +37,8 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from tqdm import tqdm
 
+from overlaps import MIN_OVERLAP_AREA, instance_flags
+
 UPSTREAM_IMAGES_DIR = "imgb"
 
 
@@ -203,27 +205,6 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
-def overlapping_from_rles(rles: list[dict[str, Any]], min_area: float = 20.0) -> list[bool]:
-    """Per instance: its mask (a pycocotools RLE) meets the union of the other masks over >= ``min_area`` pixels.
-
-    Works on the run-length encodings, so it costs little whatever the image size.
-    """
-    n = len(rles)
-    if n < 2:
-        return [False] * n
-    empty = mask_utils.frPyObjects({"size": rles[0]["size"], "counts": [rles[0]["size"][0] * rles[0]["size"][1]]},
-                                   *rles[0]["size"])
-    before, after = [empty], [empty]  # before[i]: union of rles[:i]; after[j]: union of rles[n - j:]
-    for k in range(n - 1):
-        before.append(mask_utils.merge([before[-1], rles[k]]))
-        after.append(mask_utils.merge([after[-1], rles[n - 1 - k]]))
-    flags = []
-    for i in range(n):
-        others = mask_utils.merge([before[i], after[n - 1 - i]])
-        flags.append(float(mask_utils.area(mask_utils.merge([rles[i], others], intersect=True))) >= min_area)
-    return flags
-
-
 def read_json(path: Path) -> Any:
     """Parse a JSON file; a malformed or unreadable one raises ``DatasetError`` naming it."""
     try:
@@ -358,7 +339,7 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         ann_file: str | os.PathLike | None = None,
         images_dir: str | os.PathLike | None = None,
         remove_images_without_annotations: bool = False,
-        min_overlap_area: float = 20.0,
+        min_overlap_area: float = MIN_OVERLAP_AREA,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -533,10 +514,7 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         else:
             masks = torch.zeros((0, height, width), dtype=torch.uint8)
             boxes = torch.zeros((0, 4), dtype=torch.float32)
-        flags = [inst["overlapping"] for inst in instances]
-        if None in flags:
-            derived = overlapping_from_rles(rles, self.min_overlap_area)
-            flags = [d if f is None else f for f, d in zip(flags, derived)]
+        flags = instance_flags([inst["overlapping"] for inst in instances], rles, self.min_overlap_area)
         overlapping = torch.tensor(flags, dtype=torch.bool)
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),

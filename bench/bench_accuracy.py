@@ -21,7 +21,6 @@ shorter budget.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from overlaps import MIN_OVERLAP_AREA
+
 MODEL_NAMES = ("maskrcnn", "dacseg")
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
 NORM_LAYERS = ("bn", "frozen_bn")
@@ -38,9 +40,11 @@ class ModelConfig:
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
     rois_per_image: int = 512  # RoIs sampled per training image for the box and mask losses (torchvision's 512)
+    # the overlap rule's threshold (``overlaps``, px^2 at the original image scale): decides the DaCSeg targets
+    # (through the dataset's flags) and the overlap subsets of the evaluation
+    min_overlap_area: float = MIN_OVERLAP_AREA
     # DaCSeg only
     overlap_cls_head: str = "fc"
-    min_overlap_area: float = 20.0  # px^2 at the original image scale
     loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,8 @@ class ModelConfig:
             raise ValueError(f"unknown norm layer {self.norm_layer!r}; choose one of {', '.join(NORM_LAYERS)}")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise ValueError(f"need 32 <= min_size <= max_size, got min_size={self.min_size} max_size={self.max_size}")
+        if not 0.0 <= self.min_overlap_area < float("inf"):
+            raise ValueError(f"min_overlap_area must be a finite number >= 0, got {self.min_overlap_area}")
         if self.rois_per_image < 1:
             raise ValueError(f"rois_per_image must be at least 1, got {self.rois_per_image}")
         if len(self.anchor_sizes) != 5:

@@ -7,8 +7,9 @@ For every mask RoI the 14x14x256 RoIAlign features F are pooled once and feed th
     F + X1 ──▶ stage 2 (same, own weights) = X2 ─▶ overlap-else mask, its boundary      [R, K+1, 28, 28]
     F + X2 ──▶ Mask R-CNN mask head + predictor ─▶ final mask                           [R, K+1, 28, 28]
 
-The auxiliary targets are derived from the ground-truth instance masks (see ``overlap_regions``), so a plain
-instance-segmentation dataset is enough to train it.
+The auxiliary targets are derived from the ground-truth instance masks and their overlap flags (``overlaps``,
+given by the dataset as ``target["overlapping"]``; see ``overlap_regions``), so a plain instance-segmentation dataset
+is enough to train it.
 """
 from __future__ import annotations
 
@@ -34,25 +35,24 @@ from .config import ModelConfig
 
 # inference keys of the auxiliary maps, in the order of ``DaCSegLogits`` fields 1..4
 OVERLAP_MAP_KEYS = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
-# target key added by ``DaCSegTransform``: (resized height * width) / (original height * width)
-AREA_SCALE_KEY = "area_scale"
+# target key of the per-instance overlap flags (``overlaps``; ``my_dataset_chromosome.ChromosomeDataset`` gives them)
+OVERLAPPING_KEY = "overlapping"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # targets and losses
 
 
-def overlap_regions(masks: Tensor, min_area: float | Tensor) -> tuple[Tensor, Tensor]:
+def overlap_regions(masks: Tensor, overlapping: Tensor) -> tuple[Tensor, Tensor]:
     """Split instance masks ``[N, H, W]`` into ``(overlap, overlap_else)``, both bool ``[N, H, W]``.
 
-    The overlap of instance i is where it meets any other instance, kept when it covers at least ``min_area``
-    pixels (a smaller contact is touching, not crossing), else empty. Overlap-else is the rest of an overlapping
-    instance and empty for the others.
+    ``overlapping`` ``[N]`` says which instances cross another (``overlaps``: the dataset's ``target["overlapping"]``).
+    The overlap of such an instance is where it meets any other instance, and its overlap-else the rest of it; both
+    are empty for the other instances (their contacts are touching, not crossing).
     """
     masks = masks.bool()
-    overlap = masks & (masks.sum(dim=0) > 1)
-    crossing = (overlap.flatten(1).sum(dim=1) >= min_area)[:, None, None]
-    overlap = overlap & crossing
+    crossing = overlapping.bool()[:, None, None]
+    overlap = masks & (masks.sum(dim=0) > 1) & crossing
     return overlap, masks & ~overlap & crossing
 
 
@@ -68,7 +68,7 @@ class OverlapTargets(NamedTuple):
     """Targets of the DaCSeg heads for the positive RoIs of a batch (R of them), masks at ``M x M``."""
 
     labels: Tensor  # [R] int64 ground-truth class of each RoI
-    overlapping: Tensor  # [R] int64, 1 where the projected overlap region is non-empty (a cell >= 0.5)
+    overlapping: Tensor  # [R] int64, 1 where the RoI's ground-truth instance overlaps another
     overlap: Tensor  # [R, M, M]
     overlap_edge: Tensor  # [R, M, M]
     overlap_else: Tensor  # [R, M, M]
@@ -79,27 +79,26 @@ def overlap_targets(
     proposals: list[Tensor],
     gt_masks: list[Tensor],
     gt_labels: list[Tensor],
+    gt_overlapping: list[Tensor],
     matched_idxs: list[Tensor],
-    min_areas: list[float | Tensor],
     resolution: int,
 ) -> OverlapTargets:
-    """Derive the overlap targets per image and project them onto the positive proposals like the mask targets.
-
-    ``min_areas`` holds each image's minimum overlap area in pixels of its (resized) masks.
-    """
-    labels, overlap, overlap_else = [], [], []
+    """Derive the overlap targets per image and project them onto the positive proposals like the mask targets;
+    each RoI's class target is its ground-truth instance's overlap flag."""
+    labels, overlapping, overlap, overlap_else = [], [], [], []
     with torch.autocast(proposals[0].device.type, enabled=False):
-        for boxes, masks, classes, idxs, min_area in zip(proposals, gt_masks, gt_labels, matched_idxs, min_areas):
-            image_overlap, image_overlap_else = overlap_regions(masks, min_area)
+        for boxes, masks, classes, flags, idxs in zip(proposals, gt_masks, gt_labels, gt_overlapping, matched_idxs):
+            image_overlap, image_overlap_else = overlap_regions(masks, flags)
             boxes = boxes.float()
             labels.append(classes[idxs])
+            overlapping.append(flags.long()[idxs])
             overlap.append(project_masks_on_boxes(image_overlap, boxes, idxs, resolution))
             overlap_else.append(project_masks_on_boxes(image_overlap_else, boxes, idxs, resolution))
         overlap_target = torch.cat(overlap)
         overlap_else_target = torch.cat(overlap_else)
         return OverlapTargets(
             labels=torch.cat(labels),
-            overlapping=(overlap_target >= 0.5).flatten(1).any(dim=1).long(),
+            overlapping=torch.cat(overlapping),
             overlap=overlap_target,
             overlap_edge=mask_boundaries(overlap_target),
             overlap_else=overlap_else_target,
@@ -237,7 +236,6 @@ class DaCSegRoIHeads(RoIHeads):
         *args: Any,
         overlap_classifier: nn.Module,
         overlap_head: BilayerOverlapHead,
-        min_overlap_area: float = 20.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -245,7 +243,6 @@ class DaCSegRoIHeads(RoIHeads):
             raise ValueError("DaCSegRoIHeads needs the mask branch (mask_roi_pool, mask_head, mask_predictor)")
         self.overlap_classifier = overlap_classifier
         self.overlap_head = overlap_head
-        self.min_overlap_area = float(min_overlap_area)  # px² at the original image scale
         self.return_overlap_maps = False
 
     @classmethod
@@ -255,7 +252,6 @@ class DaCSegRoIHeads(RoIHeads):
         *,
         overlap_classifier: nn.Module,
         overlap_head: BilayerOverlapHead,
-        min_overlap_area: float = 20.0,
     ) -> "DaCSegRoIHeads":
         """Take over the modules (shared, not copied) and settings of a torchvision Mask R-CNN ``RoIHeads``."""
         return cls(
@@ -275,7 +271,6 @@ class DaCSegRoIHeads(RoIHeads):
             mask_predictor=roi_heads.mask_predictor,
             overlap_classifier=overlap_classifier,
             overlap_head=overlap_head,
-            min_overlap_area=min_overlap_area,
         )
 
     def box_logits(
@@ -314,11 +309,14 @@ class DaCSegRoIHeads(RoIHeads):
         pos_matched_idxs = [idxs[pos] for idxs, pos in zip(matched_idxs, positives)]
         logits = self.dacseg_logits(features, mask_proposals, image_shapes)
 
+        if any(OVERLAPPING_KEY not in t for t in targets):
+            raise ValueError(f"DaCSeg training targets need {OVERLAPPING_KEY!r}: a bool per instance, whether it "
+                             "crosses another (ChromosomeDataset gives it; see overlaps.py)")
         gt_masks = [t["masks"] for t in targets]
         gt_labels = [t["labels"] for t in targets]
-        min_areas = [self.min_overlap_area * t.get(AREA_SCALE_KEY, 1.0) for t in targets]
-        resolution = logits.mask.shape[-1]
-        targets_overlap = overlap_targets(mask_proposals, gt_masks, gt_labels, pos_matched_idxs, min_areas, resolution)
+        gt_overlapping = [t[OVERLAPPING_KEY] for t in targets]
+        targets_overlap = overlap_targets(mask_proposals, gt_masks, gt_labels, gt_overlapping, pos_matched_idxs,
+                                          logits.mask.shape[-1])
         losses = {
             "loss_classifier": loss_classifier,
             "loss_box_reg": loss_box_reg,
@@ -349,18 +347,7 @@ class DaCSegRoIHeads(RoIHeads):
 
 
 class DaCSegTransform(GeneralizedRCNNTransform):
-    """``GeneralizedRCNNTransform`` that records each target's resize area scale and pastes the overlap maps."""
-
-    def resize(
-        self, image: Tensor, target: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        height, width = image.shape[-2:]
-        image, target = super().resize(image, target)
-        if target is not None:
-            new_height, new_width = image.shape[-2:]
-            scale = (new_height * new_width) / (height * width)
-            target[AREA_SCALE_KEY] = torch.tensor(scale, dtype=torch.float32, device=image.device)
-        return image, target
+    """``GeneralizedRCNNTransform`` that also pastes the auxiliary overlap maps at the original image size."""
 
     def postprocess(
         self,
@@ -407,7 +394,6 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
         roi_heads,
         overlap_classifier=classifier.to(device),
         overlap_head=BilayerOverlapHead(channels, num_classes).to(device),
-        min_overlap_area=config.min_overlap_area,
     )
     transform = model.transform
     model.transform = DaCSegTransform(

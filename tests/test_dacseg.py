@@ -4,8 +4,10 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 import torchvision
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import masks_to_boxes
@@ -13,7 +15,6 @@ from torchvision.ops import masks_to_boxes
 from network_files import ModelConfig, build_model
 from network_files.config import DACSEG_LOSS_NAMES, LOSS_NAMES
 from network_files.dacseg import (
-    AREA_SCALE_KEY,
     OVERLAP_MAP_KEYS,
     DaCSegRoIHeads,
     DaCSegTransform,
@@ -25,6 +26,7 @@ from network_files.dacseg import (
     overlap_regions,
     overlap_targets,
 )
+from overlaps import overlapping_from_rles
 from train_utils.coco_results import outputs_to_coco_results
 
 HEIGHT, WIDTH = 128, 160
@@ -40,12 +42,19 @@ def bar_masks(bars: list[tuple[int, int, int, int]], height: int = HEIGHT, width
     return masks
 
 
+def rule_flags(masks: torch.Tensor, min_area: float = 20.0) -> torch.Tensor:
+    """The overlap flags of ``[N, H, W]`` masks by the one rule (``overlaps``), as the dataset gives them."""
+    rles = [mask_utils.encode(np.asfortranarray(m.numpy().astype(np.uint8))) for m in masks]
+    return torch.tensor(overlapping_from_rles(rles, min_area), dtype=torch.bool)
+
+
 def bars_sample(bars: list[tuple[int, int, int, int]], height: int = HEIGHT, width: int = WIDTH):
-    """A dark image with bright bars and its target (boxes, labels, masks)."""
+    """A dark image with bright bars and its target (boxes, labels, masks, overlapping)."""
     masks = bar_masks(bars, height, width)
     image = torch.full((3, height, width), 0.1)
     image[:, masks.bool().any(dim=0)] = 0.8
-    target = {"boxes": masks_to_boxes(masks), "labels": torch.ones(len(bars), dtype=torch.int64), "masks": masks}
+    target = {"boxes": masks_to_boxes(masks), "labels": torch.ones(len(bars), dtype=torch.int64), "masks": masks,
+              "overlapping": rule_flags(masks)}
     return image, target
 
 
@@ -54,6 +63,7 @@ def empty_target(height: int = HEIGHT, width: int = WIDTH) -> dict[str, torch.Te
         "boxes": torch.zeros(0, 4),
         "labels": torch.zeros(0, dtype=torch.int64),
         "masks": torch.zeros(0, height, width, dtype=torch.uint8),
+        "overlapping": torch.zeros(0, dtype=torch.bool),
     }
 
 
@@ -95,7 +105,7 @@ def assert_finite_losses(losses: dict[str, torch.Tensor]) -> None:
 
 def test_overlap_regions_of_crossing_bars():
     masks = bar_masks(CROSSING_BARS)
-    overlap, overlap_else = overlap_regions(masks, min_area=20)
+    overlap, overlap_else = overlap_regions(masks, rule_flags(masks))
     crossing = torch.zeros(HEIGHT, WIDTH, dtype=torch.bool)
     crossing[56:72, 62:78] = True
     for i in (0, 1):
@@ -105,17 +115,40 @@ def test_overlap_regions_of_crossing_bars():
 
 
 @pytest.mark.parametrize("min_area, touching", [(11, True), (12, False), (20, False)])
-def test_overlap_regions_touching_bars_below_min_area(min_area, touching):
+def test_overlap_regions_touching_bars_follow_the_rule(min_area, touching):
     masks = bar_masks([(10, 16, 5, 31), (15, 21, 20, 41)])  # they share row 15, columns 20..30: 11 px
-    overlap, overlap_else = overlap_regions(masks, min_area)
+    overlap, overlap_else = overlap_regions(masks, rule_flags(masks, min_area))
     assert overlap.any().item() is touching
     assert overlap_else.any().item() is touching
     if touching:
         assert overlap.sum().item() == 22
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_overlap_region_is_what_the_rule_measures(seed):
+    """The heads' torch region (where an instance meets any other) has, per instance, the area that the rule of
+    ``overlaps`` compares with the threshold, so the flag and the region cannot disagree."""
+    generator = torch.Generator().manual_seed(seed)
+    bars = []
+    for _ in range(8):
+        y0, x0 = (int(v) for v in torch.randint(0, 100, (2,), generator=generator))
+        tall = bool(torch.randint(0, 2, (1,), generator=generator))
+        bars.append((y0, y0 + (40 if tall else 6), x0, x0 + (6 if tall else 40)))
+    masks = bar_masks(bars)
+    everything = torch.ones(len(bars), dtype=torch.bool)
+    overlap, _ = overlap_regions(masks, everything)
+    areas = overlap.flatten(1).sum(dim=1)
+    for min_area in (1, 20, 60):
+        assert (areas >= min_area).tolist() == rule_flags(masks, min_area).tolist()
+    flags = rule_flags(masks)
+    overlap, overlap_else = overlap_regions(masks, flags)
+    assert not overlap[~flags].any() and not overlap_else[~flags].any()
+    assert torch.equal(overlap[flags] | overlap_else[flags], masks[flags].bool())
+
+
 def test_overlap_regions_without_instances():
-    overlap, overlap_else = overlap_regions(torch.zeros(0, HEIGHT, WIDTH, dtype=torch.uint8), 20)
+    overlap, overlap_else = overlap_regions(torch.zeros(0, HEIGHT, WIDTH, dtype=torch.uint8),
+                                            torch.zeros(0, dtype=torch.bool))
     assert overlap.shape == overlap_else.shape == (0, HEIGHT, WIDTH)
 
 
@@ -135,7 +168,8 @@ def test_mask_boundaries_is_the_inner_ring():
 def test_overlap_targets_labels_and_regions_on_gt_boxes():
     _, target = bars_sample(CROSSING_BARS)
     boxes = target["boxes"]
-    targets = overlap_targets([boxes], [target["masks"]], [target["labels"]], [torch.arange(3)], [20.0], 28)
+    targets = overlap_targets([boxes], [target["masks"]], [target["labels"]], [target["overlapping"]],
+                              [torch.arange(3)], 28)
     assert targets.overlapping.tolist() == [1, 1, 0]
     assert targets.labels.tolist() == [1, 1, 1]
     assert targets.overlap.shape == targets.overlap_edge.shape == (3, 28, 28)
@@ -156,35 +190,44 @@ def test_overlap_targets_without_positives_or_instances():
         [torch.zeros(0, 4), torch.zeros(0, 4)],
         [empty["masks"], target["masks"]],
         [empty["labels"], target["labels"]],
+        [empty["overlapping"], target["overlapping"]],
         [torch.zeros(0, dtype=torch.int64)] * 2,
-        [20.0, 20.0],
         28,
     )
     assert targets.overlapping.shape == (0,) and targets.overlap.shape == (0, 28, 28)
 
 
-def test_transform_records_area_scale_used_for_min_overlap_area(monkeypatch):
-    transform = DaCSegTransform(128, 160, [0.0] * 3, [1.0] * 3)
-    bars = [(y0 * 2, y1 * 2, x0 * 2, x1 * 2) for y0, y1, x0, x1 in [(28, 32, 10, 60), (8, 56, 31, 35)]]
+def test_training_takes_the_datasets_flags_at_any_resize(monkeypatch):
+    """The classifier targets are the instances' own flags, whatever the model's resize does to the areas."""
+    bars = [(y0 * 2, y1 * 2, x0 * 2, x1 * 2) for y0, y1, x0, x1 in [(28, 32, 10, 60), (8, 56, 31, 35), (4, 8, 4, 40)]]
     image, target = bars_sample(bars, 2 * HEIGHT, 2 * WIDTH)  # 8 x 8 = 64 px crossing at the original size
-    _, (resized,) = transform([image], [target])
-    assert AREA_SCALE_KEY not in target  # the caller's dict is not modified
-    assert resized[AREA_SCALE_KEY].item() == pytest.approx(0.25)
-    assert overlap_regions(resized["masks"], 20)[0].sum() == 0  # 16 px at the resized scale
-    assert overlap_regions(resized["masks"], 20 * resized[AREA_SCALE_KEY])[0].sum() == 32
-
+    assert target["overlapping"].tolist() == [True, True, False]
     seen = []
 
     def spy(*args):
-        seen.append(float(args[4][0]))
+        seen.append(args[3][0].tolist())
         return overlap_targets(*args)
 
     monkeypatch.setattr("network_files.dacseg.overlap_targets", spy)
     torch.manual_seed(0)
-    model = make_fast(build_model(tiny_config(min_overlap_area=30)))
+    model = make_fast(build_model(tiny_config()))  # resizes to half: the crossing is 16 px there
     model.train()
     model([image], [target])
-    assert seen == [pytest.approx(7.5)]
+    assert seen == [[True, True, False]]
+    target["overlapping"] = torch.tensor([False, False, False])  # an annotation's own flags win, as in the metrics
+    seen.clear()
+    model([image], [target])
+    assert seen == [[False, False, False]]
+
+
+def test_training_without_overlap_flags_names_them():
+    image, target = bars_sample(CROSSING_BARS)
+    del target["overlapping"]
+    torch.manual_seed(0)
+    model = make_fast(build_model(tiny_config()))
+    model.train()
+    with pytest.raises(ValueError, match="'overlapping': a bool per instance"):
+        model([image], [target])
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -521,5 +564,4 @@ def test_cuda_float16_autocast(model):
 def test_roi_heads_subclass_keeps_torchvision_settings(base_model):
     roi_heads = base_model.roi_heads
     assert isinstance(roi_heads, RoIHeads) and roi_heads.return_overlap_maps is False
-    assert roi_heads.min_overlap_area == 20.0
     assert roi_heads.proposal_matcher.high_threshold == 0.5 and roi_heads.fg_bg_sampler.positive_fraction == 0.25

@@ -19,7 +19,6 @@ from my_dataset_chromosome import (
     DegenerateAnnotationWarning,
     image_size,
     load_label_json,
-    overlapping_from_rles,
     read_image,
     save_label_json,
 )
@@ -113,17 +112,6 @@ def test_overlapping_is_derived_from_masks_when_the_json_has_no_flag(tiny_coco, 
         assert expected[:2] == [True, True]  # the crossing pair
     strict = load(tiny_coco, ann_file=ann_file, images_dir=tiny_coco / "images", min_overlap_area=1e6)
     assert not strict[0][1]["overlapping"].any()
-
-
-def test_overlapping_from_rles_counts_the_union_of_the_others():
-    masks = np.zeros((3, H, W), dtype=np.uint8)
-    masks[0, 0:10, 0:10] = 1   # meets 1 over 3x10=30 px
-    masks[1, 0:10, 7:20] = 1
-    masks[2, 20:25, 30:34] = 1  # alone
-    rles = [dict(rle_from_mask(m), counts=rle_from_mask(m)["counts"].encode()) for m in masks]
-    assert overlapping_from_rles(rles, 20.0) == [True, True, False]
-    assert overlapping_from_rles(rles, 31.0) == [False, False, False]
-    assert overlapping_from_rles(rles[:1]) == [False]
 
 
 # ---------------------------------------------------------------- segmentation formats

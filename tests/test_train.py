@@ -71,6 +71,7 @@ def test_result_files_have_the_seeds_format(run_two_epochs):
 def test_side_files(run_two_epochs):
     args = json.loads((run_two_epochs / "args.json").read_text())
     assert args["seed"] == 0 and args["epochs"] == 2 and args["world_size"] == 1
+    assert args["min_overlap_area"] == 20.0 and args["model"] == "maskrcnn"  # what ran: the rule's default threshold
     assert args["stain"] == "auto" and args["stain_polarity"] == "bright-on-dark"  # bright bars on a dark field
     assert args["stain_counts"] == {"bright-on-dark": 4, "dark-on-bright": 0}
     assert load_checkpoint(run_two_epochs / "model_1.pth")["stain"] == {
@@ -120,6 +121,7 @@ def test_resume_repeats_the_uninterrupted_run(run_two_epochs, tiny_coco, tmp_pat
 @pytest.mark.parametrize("flag, expected", [
     (["--model", "dacseg"], "--model dacseg but "),
     (["--loss-weights", "loss_mask=2"], "--loss-weights {'loss_mask': 2.0} but "),
+    (["--min-overlap-area", "30"], "--min-overlap-area 30 but "),
 ])
 def test_resume_refuses_model_flags_that_contradict_the_checkpoint(run_two_epochs, tiny_coco, tmp_path, capsys,
                                                                   flag, expected):

@@ -31,7 +31,8 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from my_dataset_chromosome import DatasetError, overlapping_from_rles, polygon_in_reach, read_json  # noqa: E402
+from my_dataset_chromosome import DatasetError, polygon_in_reach, read_json  # noqa: E402
+from overlaps import MIN_OVERLAP_AREA, overlapping_from_rles  # noqa: E402
 from train_utils.args import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
 
@@ -91,7 +92,7 @@ class CocoBuilder:
     """Collects the images and instances of one split and writes them in the COCO layout under ``out_dir``."""
 
     def __init__(self, out_dir: str | Path, split: str, labels: Sequence[str] | None = None,
-                 min_overlap_area: float = 20.0) -> None:
+                 min_overlap_area: float = MIN_OVERLAP_AREA) -> None:
         if not split or any(c in split for c in "/\\"):
             raise DatasetError(f"--split {split!r} is not a usable split name")
         self.out_dir = Path(out_dir)
@@ -292,7 +293,7 @@ def add_labelme_file(builder: CocoBuilder, path: Path) -> None:
 
 
 def convert_labelme(inputs: Sequence[str | Path], out_dir: str | Path, split: str = "train",
-                    labels: Sequence[str] | None = None, min_overlap_area: float = 20.0) -> ConversionSummary:
+                    labels: Sequence[str] | None = None, min_overlap_area: float = MIN_OVERLAP_AREA) -> ConversionSummary:
     """Convert labelme JSON files / folders into ``out_dir``'s COCO layout (see the module docstring)."""
     builder = CocoBuilder(out_dir, split, labels, min_overlap_area)
     for path in tqdm(expand_inputs(inputs), desc="labelme2coco", unit="file", disable=None):

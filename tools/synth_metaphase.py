@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from overlaps import MIN_OVERLAP_AREA, instance_flags, overlapping_from_rles, segmentation_rle  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
 
 # Relative length (% of the haploid genome) and centromere index (p-arm / total length) per chromosome type.
@@ -68,7 +69,7 @@ class SynthConfig:
     chromosomes: int = 46
     aneuploidy_rate: float = 0.08
     nucleus_rate: float = 0.8
-    min_overlap_area: float = 20.0
+    min_overlap_area: float = MIN_OVERLAP_AREA
 
 
 @dataclass
@@ -490,24 +491,6 @@ def form_image(density: np.ndarray, rng: np.random.Generator, stain: str, scale:
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-def overlapping_flags(rles: Sequence[dict[str, Any]], boxes: Sequence[Sequence[float]],
-                      min_area: float = 20.0) -> list[bool]:
-    """Whether each instance meets the union of the others over at least ``min_area`` pixels."""
-    boxes_arr = np.asarray(boxes, dtype=float).reshape(-1, 4)
-    lo, hi = boxes_arr[:, :2], boxes_arr[:, :2] + boxes_arr[:, 2:]
-    flags = []
-    for i, rle in enumerate(rles):
-        near = np.flatnonzero((lo < hi[i]).all(1) & (hi > lo[i]).all(1))
-        near = near[near != i]
-        if len(near) == 0:
-            flags.append(False)
-            continue
-        others = mask_utils.merge([rles[j] for j in near])
-        shared = mask_utils.merge([rle, others], intersect=True)
-        flags.append(bool(mask_utils.area(shared) >= min_area))
-    return flags
-
-
 def render_metaphase(seed: np.random.SeedSequence, config: SynthConfig) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One synthetic spread: the uint8 image [H, W] and its annotations (no ``id`` / ``image_id`` yet)."""
     rng = np.random.default_rng(seed)
@@ -542,8 +525,7 @@ def render_metaphase(seed: np.random.SeedSequence, config: SynthConfig) -> tuple
 
     polygons = [outline_polygon(chrom) for chrom in layout.chromosomes]
     rles = mask_utils.frPyObjects(polygons, height, width) if polygons else []
-    boxes = [[float(v) for v in mask_utils.toBbox(rle)] for rle in rles]
-    flags = overlapping_flags(rles, boxes, config.min_overlap_area)
+    flags = overlapping_from_rles(rles, config.min_overlap_area)
     annotations = []
     for chrom, polygon, flag in zip(layout.chromosomes, polygons, flags):
         bbox, area = polygon_bbox_area([polygon], height, width)
@@ -594,7 +576,7 @@ def generate(out: str | Path, num_images: int, split: str = "train", seed: int =
     return {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
 
 
-def coco_statistics(doc: dict[str, Any], min_overlap_area: float = 20.0) -> dict[str, Any]:
+def coco_statistics(doc: dict[str, Any], min_overlap_area: float = MIN_OVERLAP_AREA) -> dict[str, Any]:
     """Images, instances per image, fraction of overlapping instances and instance area percentiles of a COCO dict.
 
     Uses each annotation's ``overlapping`` flag, or derives it from the segmentations where the flag is missing.
@@ -607,13 +589,9 @@ def coco_statistics(doc: dict[str, Any], min_overlap_area: float = 20.0) -> dict
     flags: list[bool] = []
     sizes = {image["id"]: (image["height"], image["width"]) for image in doc["images"]}
     for image_id, anns in by_image.items():
-        if all("overlapping" in ann for ann in anns):
-            flags.extend(bool(ann["overlapping"]) for ann in anns)
-            continue
-        height, width = sizes[image_id]
-        rles = [_annotation_rle(ann["segmentation"], height, width) for ann in anns]
-        boxes = [mask_utils.toBbox(rle) for rle in rles]
-        flags.extend(overlapping_flags(rles, boxes, min_overlap_area))
+        given = [ann.get("overlapping") for ann in anns]
+        rles = [segmentation_rle(ann["segmentation"], *sizes[image_id]) for ann in anns] if None in given else []
+        flags.extend(instance_flags(given, rles, min_overlap_area))
     areas = np.array([ann["area"] for ann in doc["annotations"]], dtype=float)
     counts = np.array(list(per_image.values()), dtype=float)
     percentiles = np.percentile(areas, PERCENTILES) if len(areas) else np.zeros(len(PERCENTILES))
@@ -627,14 +605,6 @@ def coco_statistics(doc: dict[str, Any], min_overlap_area: float = 20.0) -> dict
         "area_percentiles": {p: float(v) for p, v in zip(PERCENTILES, percentiles)},
         "area_p95_over_p5": float(percentiles[-1] / percentiles[0]) if len(areas) and percentiles[0] > 0 else 0.0,
     }
-
-
-def _annotation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation.get("counts"), list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    return segmentation
 
 
 def format_statistics(stats: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
+from overlaps import MIN_OVERLAP_AREA  # noqa: E402
 from train_utils.args import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 from tools.coco_layout import rle_from_mask  # noqa: E402
 from tools.labelme2coco import CocoBuilder, ConversionSummary, parse_labels  # noqa: E402
@@ -165,7 +166,7 @@ def add_voc_image(builder: CocoBuilder, voc_root: Path, image_id: str) -> None:
 
 
 def convert_xml(input_path: str | Path, out_dir: str | Path, split: str = "train", labels: list[str] | None = None,
-                images_dir: str | Path | None = None, min_overlap_area: float = 20.0) -> ConversionSummary:
+                images_dir: str | Path | None = None, min_overlap_area: float = MIN_OVERLAP_AREA) -> ConversionSummary:
     """Convert a CVAT XML file or a VOC root into ``out_dir``'s COCO layout (see the module docstring)."""
     input_path = Path(input_path)
     builder = CocoBuilder(out_dir, split, labels, min_overlap_area)

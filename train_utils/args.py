@@ -17,6 +17,7 @@ import torch
 
 from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS
 from network_files.config import OVERLAP_CLS_HEADS, ModelConfig
+from overlaps import MIN_OVERLAP_AREA
 from train_utils.stain import STAIN_MODES
 from transforms import PRESETS
 
@@ -123,11 +124,14 @@ def add_stain_arg(parser: argparse.ArgumentParser, training: bool = False) -> No
                              f"(default: %(default)s)")
 
 
-def add_min_overlap_area_arg(parser: argparse.ArgumentParser) -> None:
-    """``--min-overlap-area`` (training and the converters): one default, one range check."""
-    parser.add_argument("--min-overlap-area", type=number_arg(float, low=0.0), default=_MODEL_DEFAULTS.min_overlap_area,
-                        metavar="PX2", help="smallest shared area (px^2, original image scale) that counts as a "
-                                            "crossing rather than a touch (default: %(default)s)")
+def add_min_overlap_area_arg(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """``--min-overlap-area`` (training and the converters): one default (``overlaps.MIN_OVERLAP_AREA``), one range
+    check. Training's default is None: the ``--resume`` checkpoint's value, else the rule's default."""
+    default = f"the --resume checkpoint's, else {MIN_OVERLAP_AREA:g}" if training else "%(default)s"
+    parser.add_argument("--min-overlap-area", type=number_arg(float, low=0.0),
+                        default=None if training else MIN_OVERLAP_AREA, metavar="PX2",
+                        help=f"smallest shared area (px^2, original image scale) that counts as a crossing rather "
+                             f"than a touch (default: {default})")
 
 
 def add_threshold_args(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +192,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap-cls-head", choices=OVERLAP_CLS_HEADS, default=_MODEL_DEFAULTS.overlap_cls_head,
                        help="DaCSeg overlap classifier: fc as published (~52 M parameters) or a small conv head "
                             "(default: %(default)s)")
-    add_min_overlap_area_arg(group)
+    add_min_overlap_area_arg(group, training=True)
     group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=_LossWeightsAction, default={},
                        metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "
                                               "each)")
@@ -330,7 +334,7 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
             box_detections_per_img=args.detections_per_img,
             rois_per_image=args.rois_per_image,
             overlap_cls_head=args.overlap_cls_head,
-            min_overlap_area=args.min_overlap_area,
+            min_overlap_area=MIN_OVERLAP_AREA if args.min_overlap_area is None else args.min_overlap_area,
             loss_weights=dict(args.loss_weights or {}),
         )
     except ValueError as exc:

@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from overlaps import MIN_OVERLAP_AREA
 from train_utils import metrics
 
 IOU_TYPES = ("bbox", "segm")
@@ -247,7 +248,7 @@ def evaluate_results(
     score_thresh: float = 0.5,
     label_names: Mapping[int, str] | None = None,
     image_ids: Sequence[int] | None = None,
-    min_overlap_area: float = 20.0,
+    min_overlap_area: float = MIN_OVERLAP_AREA,
 ) -> dict[str, Any]:
     """The full evaluation record of COCO ``results`` against ``coco_gt`` (left unchanged).
 

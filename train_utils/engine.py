@@ -11,6 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from overlaps import MIN_OVERLAP_AREA
 from train_utils import distributed
 from train_utils.coco_results import outputs_to_coco_results
 
@@ -208,7 +209,7 @@ def evaluate(
     label_names: Mapping[int, str] | None = None,
     amp_dtype: torch.dtype | None = None,
     mask_threshold: float = 0.5,
-    min_overlap_area: float = 20.0,
+    min_overlap_area: float = MIN_OVERLAP_AREA,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """The evaluation record (``train_utils.coco_eval.evaluate_results``) of ``model`` on the loader's images.

@@ -13,7 +13,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from my_dataset_chromosome import overlapping_from_rles
+from overlaps import MIN_OVERLAP_AREA, instance_flags
 
 MATCH_IOU = 0.5
 
@@ -117,20 +117,15 @@ def detection_prf(
     return precision_recall_f1(tp, fp, fn)
 
 
-def overlapping_flags(coco_gt: COCO, min_overlap_area: float = 20.0) -> dict[int, bool]:
-    """Annotation id -> whether the instance overlaps another one, for every non-crowd annotation.
-
-    The annotation's ``overlapping`` flag where it has one; otherwise derived from the masks as the dataset does
-    (``my_dataset_chromosome.overlapping_from_rles``): the instance meets the union of the other instances of its
-    image over at least ``min_overlap_area`` pixels.
-    """
+def overlapping_flags(coco_gt: COCO, min_overlap_area: float = MIN_OVERLAP_AREA) -> dict[int, bool]:
+    """Annotation id -> whether the instance overlaps another one, for every non-crowd annotation, by the rule of
+    ``overlaps.instance_flags`` (the annotation's own flag, else derived from the masks), as the dataset gives it."""
     flags: dict[int, bool] = {}
     for image_id in coco_gt.getImgIds():
         anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        if any("overlapping" not in a for a in anns):
-            derived = overlapping_from_rles([coco_gt.annToRLE(a) for a in anns], min_overlap_area)
-        for k, a in enumerate(anns):
-            flags[a["id"]] = bool(a["overlapping"]) if "overlapping" in a else derived[k]
+        given = [a.get("overlapping") for a in anns]
+        rles = [coco_gt.annToRLE(a) for a in anns] if None in given else []
+        flags.update(zip((a["id"] for a in anns), instance_flags(given, rles, min_overlap_area)))
     return flags
 
 

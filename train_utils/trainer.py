@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from backbone import WeightsError
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, save_label_json
-from network_files import build_model, load_detector_weights, resolve_config
+from network_files import ModelConfig, build_model, load_detector_weights, resolve_config
+from overlaps import MIN_OVERLAP_AREA
 from train_utils import distributed, engine, plots, results, schedule, stain
 from train_utils.args import UserError, model_config_from_args, one_line, print_error
 from train_utils.checkpoint import (
@@ -151,13 +152,6 @@ def build(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any]
         config = config_from_checkpoint(checkpoint, args.resume)
         if config.num_classes != num_classes:
             raise UserError(f"{args.resume} has {config.num_classes} classes but the data has {num_classes}")
-        if args.model is not None and args.model != config.name:
-            raise UserError(f"--model {args.model} but {args.resume} holds a {config.name} model; a resume continues "
-                            "the checkpoint's model (drop --model, or train a new one without --resume)")
-        if args.loss_weights and args.loss_weights != config.loss_weights:
-            raise UserError(f"--loss-weights {args.loss_weights} but {args.resume} was trained with "
-                            f"{config.loss_weights or 'all weights 1'}; a resume keeps the checkpoint's")
-        args.model, args.loss_weights = config.name, dict(config.loss_weights)  # args.json records what runs
         return model_from_checkpoint(checkpoint, args.resume)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UserError(f"--num-classes {args.num_classes} but the data has {num_classes} categories")
@@ -167,6 +161,27 @@ def build(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any]
     if args.pretrained:
         log(str(load_detector_weights(model, args.pretrained)))
     return model, config
+
+
+def resolve_resumed_flags(args: argparse.Namespace, checkpoint: dict[str, Any] | None) -> None:
+    """A resume continues the checkpoint's model: ``--model``, ``--loss-weights`` and ``--min-overlap-area`` that
+    contradict it are a ``UserError``; ``args`` then holds what runs (``args.json`` records it)."""
+    if checkpoint is None:
+        args.model = args.model or ModelConfig.name
+        args.min_overlap_area = MIN_OVERLAP_AREA if args.min_overlap_area is None else args.min_overlap_area
+        return
+    config = config_from_checkpoint(checkpoint, args.resume)
+    if args.model is not None and args.model != config.name:
+        raise UserError(f"--model {args.model} but {args.resume} holds a {config.name} model; a resume continues "
+                        "the checkpoint's model (drop --model, or train a new one without --resume)")
+    if args.loss_weights and args.loss_weights != config.loss_weights:
+        raise UserError(f"--loss-weights {args.loss_weights} but {args.resume} was trained with "
+                        f"{config.loss_weights or 'all weights 1'}; a resume keeps the checkpoint's")
+    if args.min_overlap_area is not None and args.min_overlap_area != config.min_overlap_area:
+        raise UserError(f"--min-overlap-area {args.min_overlap_area:g} but {args.resume} was trained with "
+                        f"{config.min_overlap_area:g}; a resume keeps the checkpoint's")
+    args.model, args.loss_weights = config.name, dict(config.loss_weights)
+    args.min_overlap_area = config.min_overlap_area
 
 
 def _loader(dataset, batch_sampler=None, sampler=None, workers: int = 0, device=None) -> DataLoader:
@@ -191,6 +206,7 @@ def _prepare(args: argparse.Namespace, info: DistInfo, log):
     pending_eval = checkpoint is not None and checkpoint.get("pending_eval") is not None
     if not args.test_only and start_epoch >= args.epochs and not pending_eval:
         raise UserError(f"--epochs {args.epochs}: nothing left to train from epoch {start_epoch}; ask for more epochs")
+    resolve_resumed_flags(args, checkpoint)
     train_ds, val_ds = load_datasets(args)
     for dataset in (train_ds, val_ds):  # a broken val image is found now, not after a whole training epoch
         if dataset is not None:

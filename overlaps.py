@@ -1,0 +1,55 @@
+"""The overlap rule: which chromosomes cross another. Torch-free (numpy and pycocotools), so the generator, the
+converters, the dataset and the metrics all import this one definition.
+
+An instance *overlaps* when its mask meets the union of the other instances of its image over at least
+``MIN_OVERLAP_AREA`` pixels at the original image scale; a smaller contact is touching, not crossing. An
+annotation's own ``"overlapping"`` flag, where it has one, is taken as given. The dataset hands these flags to the
+model as ``target["overlapping"]``, so DaCSeg's overlap targets follow the same rule (``network_files.dacseg``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+MIN_OVERLAP_AREA = 20.0  # px^2 at the original image scale
+
+
+def overlapping_from_rles(rles: Sequence[dict[str, Any]], min_area: float = MIN_OVERLAP_AREA) -> list[bool]:
+    """Per instance (a pycocotools RLE of one image each): whether it meets the union of the others over at least
+    ``min_area`` pixels. Only instances whose boxes touch are merged, so it costs little on a crowded image."""
+    if len(rles) < 2:
+        return [False] * len(rles)
+    boxes = mask_utils.toBbox(list(rles)).reshape(-1, 4)
+    low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
+    flags = []
+    for i, rle in enumerate(rles):
+        near = np.flatnonzero((low < high[i]).all(axis=1) & (high > low[i]).all(axis=1))
+        near = near[near != i]
+        if len(near) == 0:
+            flags.append(False)
+            continue
+        others = mask_utils.merge([rles[j] for j in near])
+        shared = mask_utils.merge([rle, others], intersect=True)
+        flags.append(bool(mask_utils.area(shared) >= min_area))
+    return flags
+
+
+def instance_flags(given: Sequence[bool | None], rles: Sequence[dict[str, Any]],
+                   min_area: float = MIN_OVERLAP_AREA) -> list[bool]:
+    """The flags of one image's instances: each annotation's own flag (``given``; None where it has none), else
+    derived from the masks by ``overlapping_from_rles``."""
+    if None not in given:
+        return [bool(flag) for flag in given]
+    derived = overlapping_from_rles(rles, min_area)
+    return [derived[k] if flag is None else bool(flag) for k, flag in enumerate(given)]
+
+
+def segmentation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
