@@ -207,15 +207,18 @@ def test_overlap_subset_ignores_detections_on_the_other_instances():
 
 
 def test_subset_evaluation_over_all_areas_only_gives_the_same_ap(tiny_val):
-    from train_utils.coco_eval import _results_coco, check_results, copy_coco, run_cocoeval
+    from train_utils.coco_eval import _as_crowd, _results_coco, check_results, copy_coco, run_cocoeval
 
     gt = copy_coco(tiny_val)
     dets = check_results(gt, [dict(r, score=0.1 * (k % 9 + 1)) for k, r in enumerate(gt_as_results(tiny_val))][::2])
     dt = _results_coco(gt, dets, "segm")
     ignored = [a["id"] for a in gt.dataset["annotations"] if a["overlapping"]]
-    full, _ = run_cocoeval(gt, dt, "segm", None, ignored)
-    quick, _ = run_cocoeval(gt, dt, "segm", None, ignored, all_areas_only=True)
+    with _as_crowd(gt, ignored):
+        full, _ = run_cocoeval(gt, dt, "segm", None)
+        quick, _ = run_cocoeval(gt, dt, "segm", None, all_areas_only=True)
     assert list(quick.stats[:3]) == list(full.stats[:3]) and 0 < full.stats[0] < 1
+    assert list(quick.stats[3:6]) == [-1.0] * 3 and list(quick.stats[6:9]) == list(full.stats[6:9])
+    assert all(a["iscrowd"] == 0 for a in gt.dataset["annotations"])  # restored afterwards
 
 
 def test_results_with_unknown_ids_or_bad_entries_raise_clear_errors(tiny_val):
@@ -322,62 +325,44 @@ def random_case(seed: int, size: int = 160) -> tuple[COCO, list[dict]]:
     return coco, results
 
 
-def evaluated(cls, coco_gt: COCO, results: list[dict], iou_type: str, use_cats: bool = True, *args, iou_thrs=None):
-    gt = copy_of(coco_gt)
+def ours_and_pycocotools(coco_gt: COCO, results: list[dict], iou_type: str, crowd_ids=()):
+    """(our run_cocoeval, plain pycocotools) on private copies; ``crowd_ids`` scores the subset of the others, ours
+    through ``_as_crowd``, pycocotools' by crowd flags written into its own copy."""
+    from train_utils.coco_eval import _as_crowd, run_cocoeval
+
     drop = "segmentation" if iou_type == "bbox" else "bbox"
-    dt = quiet(gt.loadRes, [{k: v for k, v in copy.deepcopy(r).items() if k != drop} for r in results])
-    ev = cls(gt, dt, iou_type, *args)
-    ev.params.useCats = int(use_cats)
-    if iou_thrs is not None:
-        ev.params.iouThrs = np.array(iou_thrs)
+    dets = [{k: v for k, v in copy.deepcopy(r).items() if k != drop} for r in results]
+    gt = copy_of(coco_gt)
+    with _as_crowd(gt, crowd_ids):
+        ours, lines = run_cocoeval(gt, quiet(gt.loadRes, copy.deepcopy(dets)), iou_type)
+    reference = copy_of(coco_gt)
+    for ann in reference.dataset["annotations"]:
+        if ann["id"] in set(crowd_ids):
+            ann["iscrowd"] = 1
+    ev = COCOeval(reference, quiet(reference.loadRes, dets), iou_type)
     quiet(ev.evaluate)
     quiet(ev.accumulate)
-    quiet(ev.summarize)
-    return ev
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ev.summarize()
+    return ours, lines, ev, printed.getvalue().splitlines()
 
 
-def assert_same_eval_imgs(ours: COCOeval, theirs: COCOeval) -> None:
-    assert len(ours.evalImgs) == len(theirs.evalImgs)
-    for mine, ref in zip(ours.evalImgs, theirs.evalImgs):
-        if ref is None:
-            assert mine is None
-            continue
-        assert mine.keys() == ref.keys()
-        for key, value in ref.items():
-            if isinstance(value, np.ndarray):
-                assert mine[key].dtype == value.dtype and np.array_equal(mine[key], value), key
-            else:
-                assert mine[key] == value, key
-    assert list(ours.stats) == list(theirs.stats)
-
-
-@pytest.mark.parametrize("seed, iou_type, use_cats", [(0, "bbox", True), (1, "segm", True), (2, "bbox", True),
-                                                      (3, "segm", True), (4, "bbox", False)])
-@pytest.mark.parametrize("iou_thrs", [None, [0.3, 0.5, 0.75, 1.0]], ids=["default", "iou1"])  # 1.0: exact copies only
-def test_vectorised_matching_equals_pycocotools(seed, iou_type, use_cats, iou_thrs):
-    from train_utils.coco_eval import _SubsetCOCOeval
-
+@pytest.mark.parametrize("seed, iou_type", [(0, "bbox"), (1, "segm"), (2, "bbox"), (3, "segm"), (5, "segm")])
+@pytest.mark.parametrize("subset", [False, True], ids=["all", "subset"])
+def test_faster_coco_eval_equals_plain_pycocotools(seed, iou_type, subset):
+    """faster-coco-eval is a requirement because it gives pycocotools' numbers: every stat and printed line, on
+    crowds, ``ignore`` keys, duplicates, ties, > 100 detections, empty images, all area ranges, and with the other
+    instances turned into crowd regions (the overlap subsets)."""
     coco, results = random_case(seed)
-    ours = evaluated(_SubsetCOCOeval, coco, results, iou_type, use_cats, iou_thrs=iou_thrs)
-    theirs = evaluated(COCOeval, coco, results, iou_type, use_cats, iou_thrs=iou_thrs)
-    assert_same_eval_imgs(ours, theirs)
-    matched = [e for e in theirs.evalImgs if e is not None]
-    assert any(e["dtIgnore"].any() for e in matched) and any(e["gtIgnore"].any() for e in matched)
-    assert any(len(e["dtIds"]) == 100 for e in matched)  # maxDet truncation happened
-    assert any(not e["gtIds"] for e in matched) and any(not e["dtIds"] for e in matched)
+    crowd_ids = [a["id"] for a in coco.dataset["annotations"] if a["id"] % 3 == 0] if subset else []
+    ours, lines, theirs, printed = ours_and_pycocotools(coco, results, iou_type, crowd_ids)
+    assert list(ours.stats) == pytest.approx(list(theirs.stats), abs=1e-12)
+    assert lines == printed
     assert 0 < theirs.stats[0] < 1 and all(s > -1 for s in theirs.stats)  # every area range has ground truth
-    assert any(e["dtMatches"][-1].any() for e in matched)  # also at the top threshold
+    matched = [e for e in theirs.evalImgs if e is not None]
+    assert any(e["dtIgnore"].any() for e in matched) and any(len(e["dtIds"]) == 100 for e in matched)
+    if subset:  # the subset changes the numbers
+        assert list(theirs.stats) != list(ours_and_pycocotools(coco, results, iou_type)[2].stats)
 
 
-def test_vectorised_matching_keeps_the_subset_evaluation():
-    from train_utils.coco_eval import _SubsetCOCOeval
-
-    class PycocotoolsMatching(_SubsetCOCOeval):
-        evaluateImg = COCOeval.evaluateImg
-
-    coco, results = random_case(5)
-    ignored = [a["id"] for a in coco.dataset["annotations"] if a["id"] % 3 == 0]
-    ours = evaluated(_SubsetCOCOeval, coco, results, "segm", True, ignored)
-    theirs = evaluated(PycocotoolsMatching, coco, results, "segm", True, ignored)
-    assert_same_eval_imgs(ours, theirs)
-    assert list(ours.stats) != list(evaluated(_SubsetCOCOeval, coco, results, "segm").stats)  # the subset matters

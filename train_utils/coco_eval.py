@@ -1,4 +1,5 @@
-"""COCO evaluation in memory (pycocotools, no temporary files) plus the chromosome metrics: the full evaluation record.
+"""COCO evaluation in memory (faster-coco-eval's C++ COCOeval on pycocotools' data, no temporary files) plus the
+chromosome metrics: the full evaluation record.
 
 ``evaluate_results`` is shared by training (each epoch), ``validation.py`` (a checkpoint or any results file) and
 anything else that has COCO results; ``train_utils.record.write_record`` writes what it returns.
@@ -10,88 +11,18 @@ import copy
 import io
 import math
 from numbers import Real
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from faster_coco_eval import COCOeval_faster
 
 from overlaps import MIN_OVERLAP_AREA
 from train_utils import metrics
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-class _SubsetCOCOeval(COCOeval):
-    """COCOeval that scores a subset of the ground truth: the other instances become ignore regions.
-
-    pycocotools recomputes every ``gt["ignore"]`` from ``iscrowd`` in ``_prepare``, so an ``ignore`` key in the
-    annotations does nothing. The left-out instances are therefore handed to the evaluation as crowd regions (on
-    private copies, so the ground truth is untouched): a detection lying on one (intersection over the detection's
-    own area >= the IoU threshold, as for crowds) is neither a true nor a false positive, however many there are,
-    and they do not count for recall. Duplicates and fragments on the other instances thus stay out of the subset's
-    numbers; detections on no instance at all remain false positives.
-    """
-
-    def __init__(self, coco_gt: COCO, coco_dt: COCO, iou_type: str, ignore_ann_ids: Collection[int] = ()) -> None:
-        super().__init__(coco_gt, coco_dt, iou_type)
-        self.ignore_ann_ids = frozenset(ignore_ann_ids)
-
-    def _prepare(self) -> None:
-        super()._prepare()
-        if self.ignore_ann_ids:
-            for key, anns in self._gts.items():
-                self._gts[key] = [dict(a, iscrowd=1, ignore=1) if a["id"] in self.ignore_ann_ids else a for a in anns]
-
-    def evaluateImg(self, imgId: int, catId: int, aRng: Sequence[float], maxDet: int) -> dict[str, Any] | None:
-        """``COCOeval.evaluateImg``'s exact result, with the matching done in numpy over IoU thresholds x ground
-        truths (pycocotools' pure-Python triple loop was most of the evaluation time of each epoch).
-
-        Each detection, best score first, takes at each threshold the available ground truth (not yet matched, or a
-        crowd) of highest IoU >= the threshold, the last one on a tie; a regular (not ignored) one beats any ignored.
-        """
-        p = self.params
-        if p.useCats:
-            gts, dts = self._gts[imgId, catId], self._dts[imgId, catId]
-        else:
-            gts = [g for c in p.catIds for g in self._gts[imgId, c]]
-            dts = [d for c in p.catIds for d in self._dts[imgId, c]]
-        if not gts and not dts:
-            return None
-        lo, hi = aRng
-        ignore = [int(bool(g["ignore"]) or g["area"] < lo or g["area"] > hi) for g in gts]
-        gt_order = np.argsort(ignore, kind="mergesort")  # ignored last
-        gts = [gts[i] for i in gt_order]
-        gt_ignore = np.array([ignore[i] for i in gt_order])
-        dts = [dts[i] for i in np.argsort([-d["score"] for d in dts], kind="mergesort")[:maxDet]]
-
-        num_thrs, num_gt, num_dt = len(p.iouThrs), len(gts), len(dts)
-        gt_matches, dt_matches = np.zeros((num_thrs, num_gt)), np.zeros((num_thrs, num_dt))
-        dt_ignore = np.zeros((num_thrs, num_dt))
-        ious = self.ious[imgId, catId]
-        if len(ious):  # [] when there are no detections or no ground truth
-            ious = ious[:num_dt, gt_order]
-            gt_ids, dt_ids = np.array([g["id"] for g in gts]), [d["id"] for d in dts]
-            crowd = np.array([int(g["iscrowd"]) != 0 for g in gts])
-            regular = gt_ignore == 0
-            reaches = ious[:, None, :] >= np.minimum(p.iouThrs, 1 - 1e-10)[:, None]  # [D, T, G]
-            for d in np.flatnonzero(reaches.any(axis=(1, 2))):
-                ok = reaches[d] & (~(gt_matches > 0) | crowd)  # matched = holds a detection id > 0, as pycocotools
-                ok &= regular | ~(ok & regular).any(axis=1, keepdims=True)  # it stops at the ignored ones then
-                thrs = np.flatnonzero(ok.any(axis=1))
-                if not len(thrs):
-                    continue
-                best = num_gt - 1 - np.argmax(np.where(ok[thrs], ious[d], -np.inf)[:, ::-1], axis=1)
-                dt_matches[thrs, d], dt_ignore[thrs, d] = gt_ids[best], gt_ignore[best]
-                gt_matches[thrs, best] = dt_ids[d]
-        dt_area = np.array([d["area"] for d in dts])
-        dt_ignore = np.logical_or(dt_ignore, (dt_matches == 0) & ((dt_area < lo) | (dt_area > hi)))
-        return {"image_id": imgId, "category_id": catId, "aRng": aRng, "maxDet": maxDet,
-                "dtIds": [d["id"] for d in dts], "gtIds": [g["id"] for g in gts],
-                "dtMatches": dt_matches, "gtMatches": gt_matches, "dtScores": [d["score"] for d in dts],
-                "gtIgnore": gt_ignore, "dtIgnore": dt_ignore}
 
 
 def _quiet(fn, *args):
@@ -203,27 +134,50 @@ def run_cocoeval(
     coco_dt: COCO,
     iou_type: str,
     image_ids: Sequence[int] | None = None,
-    ignore_ann_ids: Collection[int] = (),
     all_areas_only: bool = False,
-) -> tuple[COCOeval, list[str]]:
-    """Evaluate, accumulate and summarise silently; returns the evaluator and the 12 summary lines it would print.
+) -> tuple[COCOeval_faster, list[str]]:
+    """Evaluate, accumulate and summarise silently with faster-coco-eval (pycocotools' numbers, computed in C++);
+    returns the evaluator and the 12 summary lines pycocotools prints.
 
     ``all_areas_only`` skips the small / medium / large ranges (4x less work; their stats are then -1).
     """
-    evaluator = _SubsetCOCOeval(coco_gt, coco_dt, iou_type, ignore_ann_ids)
+    printed: list[str] = []
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=printed.append)
     if image_ids is not None:
         evaluator.params.imgIds = sorted(image_ids)
     if all_areas_only:
         evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
-    _quiet(evaluator.evaluate)
-    _quiet(evaluator.accumulate)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        evaluator.summarize()
-    return evaluator, printed.getvalue().splitlines()
+    evaluator.evaluate()
+    evaluator.accumulate()
+    printed.clear()
+    evaluator.summarize()
+    stats = [float(s) for s in evaluator.stats[:len(STAT_NAMES)]]
+    if all_areas_only:  # the summary of one area range has no small / medium / large entries
+        stats = stats[:3] + [-1.0] * 3 + stats[3:6] + [-1.0] * 3
+    evaluator.stats = np.array(stats)
+    return evaluator, [line.rstrip() for line in printed if line.lstrip().startswith("Average")][:len(STAT_NAMES)]
 
 
-def per_class_ap50(evaluator: COCOeval, names: Mapping[int, str]) -> dict[str, float]:
+@contextlib.contextmanager
+def _as_crowd(coco_gt: COCO, ann_ids: Collection[int]) -> Iterator[None]:
+    """Treat the annotations ``ann_ids`` of ``coco_gt`` (a private copy) as crowd regions for a while.
+
+    COCO evaluation then ignores any detection lying on one (intersection over the detection's own area >= the IoU
+    threshold), however many, and never counts them as missed: this scores a subset of the ground truth with
+    duplicates and fragments on the other instances left out of its numbers. Detections on no instance at all remain
+    false positives.
+    """
+    changed = [(a, a.get("iscrowd", 0)) for a in (coco_gt.anns[i] for i in ann_ids)]
+    for ann, _ in changed:
+        ann["iscrowd"] = 1
+    try:
+        yield
+    finally:
+        for ann, crowd in changed:
+            ann["iscrowd"] = crowd
+
+
+def per_class_ap50(evaluator: COCOeval_faster, names: Mapping[int, str]) -> dict[str, float]:
     """Category name -> AP at IoU 0.5 (all areas, 100 detections); -1 for a category without ground truth."""
     precision = evaluator.eval["precision"]  # [IoU, recall, category, area, max dets]
     iou50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
@@ -257,7 +211,7 @@ def evaluate_results(
     ``precision``/``recall``/``f1`` at IoU 0.5 of detections with ``score >= score_thresh`` (also at the top level,
     mask-based). ``overlap_segm`` / ``non_overlap_segm``: segm AP, AP50, AP75, precision, recall, f1 and
     ``num_instances`` over the ground truth that does / does not overlap another instance; detections lying on the
-    other instances are ignored (see ``_SubsetCOCOeval``).
+    other instances are ignored (see ``_as_crowd``).
     ``count_mae``, ``count_exact``, ``count_bias``: per-image instance count error.
 
     ``label_names`` (COCO category id -> name) overrides the ground-truth category names; ``image_ids`` restricts
@@ -311,7 +265,8 @@ def evaluate_results(
         coco_dt = _results_coco(gt, dets, "segm")
         for key, in_subset in (("overlap_segm", True), ("non_overlap_segm", False)):
             ignored = {a["id"] for a in gt_anns if overlapping.get(a["id"], False) != in_subset}
-            evaluator, _ = run_cocoeval(gt, coco_dt, "segm", image_ids, ignored, all_areas_only=True)
+            with _as_crowd(gt, ignored):
+                evaluator, _ = run_cocoeval(gt, coco_dt, "segm", image_ids, all_areas_only=True)
             record[key] = {
                 **dict(zip(("AP", "AP50", "AP75"), (float(s) for s in evaluator.stats[:3]))),
                 **metrics.detection_prf(gt, dets, "segm", score_thresh, image_ids=image_ids, ignore_ann_ids=ignored),
