@@ -16,14 +16,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
-from train_utils.args import ArgumentParser, UserError, add_device_args, add_model_check_arg, add_threshold_args  # noqa: E402
-from train_utils.args import add_stain_arg, check_model_name, number_arg, print_error  # noqa: E402
-from train_utils.checkpoint import CheckpointError, load_model_from_checkpoint  # noqa: E402
-from train_utils.crops import CROP_BACKGROUNDS  # noqa: E402
-from train_utils.inference import CropOptions, InferenceError, expand_inputs, label_maps, predict_files  # noqa: E402
-from train_utils.inference import prepare_model  # noqa: E402
+from train_utils.cli import (  # noqa: E402  # noqa: E402
+    ArgumentParser,
+    UserError,
+    add_device_args,
+    add_model_check_arg,
+    add_stain_arg,
+    add_threshold_args,
+    check_model_name,
+    number_arg,
+    print_error,
+)
+from train_utils.engine.checkpoint import CheckpointError, load_model_from_checkpoint  # noqa: E402
+from train_utils.inference.tta import FlipTTA  # noqa: E402
+from train_utils.jobs.predict import (  # noqa: E402
+    CropOptions,
+    InferenceError,
+    expand_inputs,
+    label_maps,
+    predict_files,
+    prepare_model,  # noqa: E402
+)
+from train_utils.outputs.crops import CROP_BACKGROUNDS  # noqa: E402
 from train_utils.stain import checkpoint_polarity  # noqa: E402
-from train_utils.tta import FlipTTA  # noqa: E402
 
 
 def get_args_parser() -> ArgumentParser:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_utils import trainer  # noqa: E402
-from train_utils.args import parse_args  # noqa: E402
+from train_utils.engine import trainer  # noqa: E402
+from train_utils.cli import parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,9 @@ data, seed, recipe and budget, scored on BioImLab val with our evaluator.
 BioImLab is read from ``../shared/data/bioimlab`` (labelme) or ``--data-path`` (labelme root, or a COCO-layout root
 with ``train`` / ``val`` splits) and converted into a temporary folder. ``stock`` is
 ``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)``, trained
-through its own forward. All three go through the same loop (``train_utils.engine.train_one_epoch``), the same
-per-step schedule (``train_utils.schedule``: SGD, momentum 0.9, wd 1e-4, linear warmup from 0.001x, cosine to 0,
-gradient norms clipped at 10), the same flips, and the same evaluation (``train_utils.engine.evaluate``).
+through its own forward. All three go through the same loop (``train_utils.engine.loop.train_one_epoch``), the same
+per-step schedule (``train_utils.engine.schedule``: SGD, momentum 0.9, wd 1e-4, linear warmup from 0.001x, cosine to 0,
+gradient norms clipped at 10), the same flips, and the same evaluation (``train_utils.engine.loop.evaluate``).
 
 The budget is optimizer steps (``--budget-iters``) or wall-clock seconds of training (``--budget-s``): with seconds,
 the first steps measure the speed and the schedule is laid over the steps that fit, so a faster pipeline trains
@@ -41,10 +41,10 @@ from my_dataset_chromosome import ChromosomeDataset  # noqa: E402
 from network_files import build_model, resolve_config  # noqa: E402
 from network_files.config import ModelConfig  # noqa: E402
 from tools.labelme2coco import convert_labelme  # noqa: E402
-from train_utils import engine, schedule  # noqa: E402
-from train_utils.args import ArgumentParser  # noqa: E402
-from train_utils.samplers import train_batch_sampler  # noqa: E402
-from train_utils.trainer import seed_everything  # noqa: E402
+from train_utils.engine import loop, schedule  # noqa: E402
+from train_utils.cli import ArgumentParser  # noqa: E402
+from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
+from train_utils.engine.trainer import seed_everything  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 MODELS = ("stock", "maskrcnn", "dacseg")
@@ -142,7 +142,7 @@ def train_model(model: torch.nn.Module, preset: Preset, train_ds: ChromosomeData
     loader = DataLoader(
         train_ds, batch_sampler=train_batch_sampler(len(train_ds), train_ds.aspect_ratios(), preset.batch_size, 3,
                                                     seed=seed),
-        num_workers=workers, collate_fn=engine.collate_fn, pin_memory=device.type == "cuda")
+        num_workers=workers, collate_fn=loop.collate_fn, pin_memory=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=preset.lr, momentum=0.9, weight_decay=1e-4)
     amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
@@ -159,14 +159,14 @@ def train_model(model: torch.nn.Module, preset: Preset, train_ds: ChromosomeData
     steps = Steps(loader, probe_steps or total)
     kwargs = dict(lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=10.0,
                   print_freq=10, show_progress=True)
-    engine.train_one_epoch(model, optimizer, steps, device, 0, **kwargs)
+    loop.train_one_epoch(model, optimizer, steps, device, 0, **kwargs)
     if probe_steps:
         _synchronize(device)
         per_step = (time.perf_counter() - start) / probe_steps
         total = max(probe_steps + 1, int(preset.budget_s / per_step))
         kwargs["lr_scheduler"] = schedule.make_lr_scheduler(optimizer, total_steps=total, steps_per_epoch=len(loader),
                                                             warmup_iters=preset.warmup_iters, start_step=probe_steps)
-        engine.train_one_epoch(model, optimizer, Steps(loader, total - probe_steps, steps.passes), device, 1, **kwargs)
+        loop.train_one_epoch(model, optimizer, Steps(loader, total - probe_steps, steps.passes), device, 1, **kwargs)
     _synchronize(device)
     seconds = time.perf_counter() - start
     return total, seconds, total * preset.batch_size / seconds
@@ -187,9 +187,9 @@ def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.devi
     seed_everything(seed, 0, 0)
     model = make_model(name, preset, val_ds.num_classes).to(device)
     steps, train_s, rate = train_model(model, preset, train_ds, device, seed, workers)
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=engine.collate_fn)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=loop.collate_fn)
     amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
-    record = engine.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
+    record = loop.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
                              label_names=val_ds.label_names, amp_dtype=amp_dtype, show_progress=True)
     return Outcome(name, seed, steps, train_s, rate, record, time.perf_counter() - wall)
 

@@ -2,14 +2,14 @@
 
 Measures, for one model (or ours and stock torchvision's with ``--compare-stock``):
 
-* training: ``--steps`` steps of the real training step (``train_utils.engine.train_one_epoch``, AMP with a gradient
+* training: ``--steps`` steps of the real training step (``train_utils.engine.loop.train_one_epoch``, AMP with a gradient
   scaler, SGD with train.py's lr warmup) after ``--warmup-steps`` untimed ones, fed by the training
   DataLoader of ``train.py`` (aspect-ratio grouping sampler, ``collate_fn``, the ``flip`` augmentation, ``-j``
   worker processes; a new pass over the data starts when one runs out, workers restarting as in training).
   Prints steps/s, images/s, the share of the time spent waiting for the next batch (data loading the step did not
   hide), the peak GPU memory on CUDA, and images/s relative to the reference;
 * inference: ``model.eval()`` without gradients over the val split (``--synthetic``: over the N synthetic images)
-  through ``train_utils.engine.iter_predictions`` (outputs copied to the CPU, as evaluation does), with batch 1
+  through ``train_utils.engine.loop.iter_predictions`` (outputs copied to the CPU, as evaluation does), with batch 1
   and batch 4, after a few untimed batches. It also prints the detections per image: pasting the masks of each
   detection is a good part of inference, and a barely trained model keeps up to 100 low-scoring ones.
 
@@ -55,8 +55,8 @@ from my_dataset_chromosome import ChromosomeDataset, DatasetError  # noqa: E402
 from network_files import build_model, resolve_config  # noqa: E402
 from network_files.config import MODEL_NAMES, OVERLAP_CLS_HEADS  # noqa: E402
 from tools.synth_metaphase import SynthConfig, SynthError, generate  # noqa: E402
-from train_utils import engine  # noqa: E402
-from train_utils.args import (  # noqa: E402
+from train_utils.engine import loop  # noqa: E402
+from train_utils.cli import (  # noqa: E402
     ArgumentParser,
     UserError,
     add_data_args,
@@ -65,8 +65,8 @@ from train_utils.args import (  # noqa: E402
     parse_args,
     print_error,
 )
-from train_utils.samplers import train_batch_sampler  # noqa: E402
-from train_utils.trainer import make_optimizer, make_schedule, resolve_lr, seed_everything  # noqa: E402
+from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
+from train_utils.engine.trainer import make_optimizer, make_schedule, resolve_lr, seed_everything  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 REFERENCE_IMAGES_PER_S = 109 * 121 / 390  # stock Mask R-CNN, BioImLab train, AMP, batch 4, one H100: 33.8
@@ -160,7 +160,7 @@ def training_args(args: argparse.Namespace, model_name: str) -> argparse.Namespa
     if args.amp is not None:
         argv.append("--amp" if args.amp else "--no-amp")
     train_args = parse_args(argv, prog="bench_train.py")
-    if train_args.amp is None:  # as train_utils.trainer.run: AMP on CUDA, full precision on the CPU
+    if train_args.amp is None:  # as train_utils.engine.trainer.run: AMP on CUDA, full precision on the CPU
         train_args.amp = torch.device(args.device).type == "cuda"
     return train_args
 
@@ -178,12 +178,12 @@ def make_model(name: str, train_args: argparse.Namespace, num_classes: int) -> t
 
 def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dataset: ChromosomeDataset,
                      device: torch.device, warmup: int, steps: int) -> TrainResult:
-    """Time ``steps`` steps of ``engine.train_one_epoch`` after ``warmup`` untimed ones."""
-    loader = DataLoader(  # as train_utils.trainer.run builds the training loader
+    """Time ``steps`` steps of ``loop.train_one_epoch`` after ``warmup`` untimed ones."""
+    loader = DataLoader(  # as train_utils.engine.trainer.run builds the training loader
         dataset,
         batch_sampler=train_batch_sampler(len(dataset), dataset.aspect_ratios(), train_args.batch_size,
                                           train_args.aspect_ratio_group_factor, seed=train_args.seed),
-        num_workers=train_args.workers, collate_fn=engine.collate_fn, pin_memory=device.type == "cuda",
+        num_workers=train_args.workers, collate_fn=loop.collate_fn, pin_memory=device.type == "cuda",
     )
     lr, _ = resolve_lr(train_args, world_size=1)
     optimizer = make_optimizer(model, train_args, lr)
@@ -191,11 +191,11 @@ def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dat
     # near its start: ramping to lr 0.02 within a few steps makes a model trained from scratch diverge (a
     # non-finite loss would end the benchmark), and the lr hardly changes the work a step does
     lr_scheduler, _ = make_schedule(optimizer, train_args, steps_per_epoch=warmup + steps)
-    amp_dtype = engine.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
+    amp_dtype = loop.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     batches = TimedBatches(loader, warmup, steps, device)
     seed_everything(train_args.seed, 1, 0)
-    stats = engine.train_one_epoch(
+    stats = loop.train_one_epoch(
         model, optimizer, batches, device, 0, lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype,
         clip_grad_norm=train_args.clip_grad_norm,
         print_freq=train_args.print_freq, show_progress=False,
@@ -205,17 +205,17 @@ def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dat
 
 def measure_inference(model: torch.nn.Module, dataset: ChromosomeDataset, batch_size: int, device: torch.device,
                       amp_dtype: torch.dtype | None, workers: int, warmup: int) -> InferenceResult:
-    """Time one pass of ``engine.iter_predictions`` over ``dataset`` after ``warmup`` untimed batches."""
+    """Time one pass of ``loop.iter_predictions`` over ``dataset`` after ``warmup`` untimed batches."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=engine.collate_fn, pin_memory=device.type == "cuda")
-    for index, _ in enumerate(engine.iter_predictions(model, loader, device, amp_dtype)):
+                        collate_fn=loop.collate_fn, pin_memory=device.type == "cuda")
+    for index, _ in enumerate(loop.iter_predictions(model, loader, device, amp_dtype)):
         if index + 1 >= warmup:
             break
     _synchronize(device)
     _reset_peak_memory(device)
     start = time.perf_counter()
     images = detections = 0
-    for outputs, ids in engine.iter_predictions(model, loader, device, amp_dtype):
+    for outputs, ids in loop.iter_predictions(model, loader, device, amp_dtype):
         images += len(ids)
         detections += sum(len(output["scores"]) for output in outputs)
     _synchronize(device)
@@ -254,7 +254,7 @@ def benchmark(name: str, args: argparse.Namespace, train_ds: ChromosomeDataset,
             print(format_train(name, result, train_args), flush=True)
             rates["train"] = result.images / result.seconds
         if infer_ds is not None:
-            amp_dtype = engine.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
+            amp_dtype = loop.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
             for batch_size in INFERENCE_BATCH_SIZES:
                 result = measure_inference(model, infer_ds, batch_size, device, amp_dtype, args.workers,
                                            max(1, args.warmup_steps))
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DatasetError, SynthError) as exc:
         print_error(exc)
         return 2
-    except engine.NonFiniteLossError as exc:
+    except loop.NonFiniteLossError as exc:
         print_error(exc)
         return 1
     return 0

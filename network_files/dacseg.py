@@ -370,7 +370,7 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
 
     Keeps the backbone, RPN, box branch and mask RoIAlign/head/predictor (so Mask R-CNN weights load into it), adds
     the overlap classifier (``config.overlap_cls_head``) and the bilayer head, and swaps the transform for
-    ``DaCSegTransform``. (``config.loss_weights`` are applied by the training step, ``train_utils.engine``.)
+    ``DaCSegTransform``. (``config.loss_weights`` are applied by the training step, ``train_utils.engine.loop``.)
     """
     roi_heads = model.roi_heads
     if isinstance(roi_heads, DaCSegRoIHeads):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from network_files.config import ModelConfig
-from train_utils.args import (
+from train_utils.cli import (
     ArgumentParser,
     UserError,
     add_data_args,

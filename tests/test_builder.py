@@ -253,7 +253,7 @@ def test_config_round_trip_rebuilds_the_same_model():
 
 
 def test_loss_weights_live_in_the_config_and_the_model_returns_raw_terms(scratch_model):
-    """The weights are applied by the training step (train_utils.engine): a model never hides them in a hook."""
+    """The weights are applied by the training step (train_utils.engine.loop): a model never hides them in a hook."""
     image = torch.rand(3, 128, 160)
     target = {"boxes": torch.tensor([[20.0, 30.0, 90.0, 70.0]]), "labels": torch.tensor([1]),
               "masks": torch.zeros(1, 128, 160, dtype=torch.uint8)}

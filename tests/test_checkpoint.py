@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from network_files import ModelConfig, build_model
-from train_utils.checkpoint import (
+from train_utils.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
     config_from_checkpoint,

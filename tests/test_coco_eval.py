@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train_utils.coco_eval import STAT_NAMES, evaluate_results
+from train_utils.evaluation.coco_eval import STAT_NAMES, evaluate_results
 
 H = W = 64
 A, B, C = (5, 5, 20, 20), (35, 5, 20, 20), (5, 35, 20, 20)
@@ -207,7 +207,7 @@ def test_overlap_subset_ignores_detections_on_the_other_instances():
 
 
 def test_subset_evaluation_over_all_areas_only_gives_the_same_ap(tiny_val):
-    from train_utils.coco_eval import _as_crowd, _results_coco, check_results, copy_coco, run_cocoeval
+    from train_utils.evaluation.coco_eval import _as_crowd, _results_coco, check_results, copy_coco, run_cocoeval
 
     gt = copy_coco(tiny_val)
     dets = check_results(gt, [dict(r, score=0.1 * (k % 9 + 1)) for k, r in enumerate(gt_as_results(tiny_val))][::2])
@@ -328,7 +328,7 @@ def random_case(seed: int, size: int = 160) -> tuple[COCO, list[dict]]:
 def ours_and_pycocotools(coco_gt: COCO, results: list[dict], iou_type: str, crowd_ids=()):
     """(our run_cocoeval, plain pycocotools) on private copies; ``crowd_ids`` scores the subset of the others, ours
     through ``_as_crowd``, pycocotools' by crowd flags written into its own copy."""
-    from train_utils.coco_eval import _as_crowd, run_cocoeval
+    from train_utils.evaluation.coco_eval import _as_crowd, run_cocoeval
 
     drop = "segmentation" if iou_type == "bbox" else "bbox"
     dets = [{k: v for k, v in copy.deepcopy(r).items() if k != drop} for r in results]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pycocotools import mask as mask_utils
 
-from train_utils.coco_results import outputs_to_coco_results
+from train_utils.outputs.predictions import outputs_to_coco_results
 
 
 def test_outputs_become_coco_entries_with_rle_masks():

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bar_polygon
 from PIL import Image, ImageDraw
 
 import predict
-from conftest import bar_polygon
 from network_files import ModelConfig, build_model
-from train_utils.checkpoint import save_checkpoint
-from train_utils.crops import Crop, contact_sheet, crop_background, make_crop, upright_angle
+from train_utils.engine.checkpoint import save_checkpoint
+from train_utils.outputs.crops import Crop, contact_sheet, crop_background, make_crop, upright_angle
 
 
 def bar_mask(length: float, width: float, angle: float, size=(200, 160), centre=(100, 80)) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_the_contact_sheet_puts_the_longest_first():
 
 def test_predict_writes_upright_crops_a_sheet_and_crops_json(tmp_path, monkeypatch):
     """Two known bars stand in for the model's detections: their lengths and angles are the truth."""
-    from train_utils import inference
+    from train_utils.jobs import predict as predict_job
 
     bars = [(70, 10, 30.0), (40, 9, 150.0)]
     masks = torch.from_numpy(np.stack([bar_mask(*bar) for bar in bars]))[:, None]
@@ -87,7 +87,7 @@ def test_predict_writes_upright_crops_a_sheet_and_crops_json(tmp_path, monkeypat
         return {"boxes": boxes, "labels": torch.ones(2, dtype=torch.int64), "scores": torch.tensor([0.9, 0.8]),
                 "masks": masks}, 0.01
 
-    monkeypatch.setattr(inference, "predict_image", known)
+    monkeypatch.setattr(predict_job, "predict_image", known)
     torch.manual_seed(0)
     config = ModelConfig(min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn")
     ckpt = tmp_path / "m.pth"

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 import torchvision
+from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import masks_to_boxes
 
@@ -27,7 +27,7 @@ from network_files.dacseg import (
     overlap_targets,
 )
 from overlaps import overlapping_from_rles
-from train_utils.coco_results import outputs_to_coco_results
+from train_utils.outputs.predictions import outputs_to_coco_results
 
 HEIGHT, WIDTH = 128, 160
 # (y0, y1, x0, x1): a horizontal and a vertical bar crossing over 16 x 16 px, and a free bar on the right
@@ -376,7 +376,7 @@ def test_exactly_one_positive_roi_in_batch(model, monkeypatch):
 
 
 def test_loss_weights_weigh_the_dacseg_terms_in_the_training_step(base_model):
-    from train_utils.engine import weighted_loss
+    from train_utils.engine.loop import weighted_loss
 
     torch.manual_seed(0)
     model = make_fast(build_model(tiny_config(loss_weights={"loss_overlap": 0.0, "loss_objectness": 2.0})))

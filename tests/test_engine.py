@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from my_dataset_chromosome import ChromosomeDataset
-from train_utils import engine, results, schedule
-from train_utils.samplers import ShardSampler
+from train_utils.engine import loop, schedule
+from train_utils.engine.samplers import ShardSampler
+from train_utils.outputs import results
 from transforms import get_transform
 
 
@@ -45,8 +46,8 @@ def _batches(n: int, batch: int = 2):
 
 
 def test_collate_fn_and_amp_dtype():
-    assert engine.collate_fn([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
-    assert engine.amp_dtype_from_name("bfloat16") is torch.bfloat16 and engine.amp_dtype_from_name(None) is None
+    assert loop.collate_fn([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
+    assert loop.amp_dtype_from_name("bfloat16") is torch.bfloat16 and loop.amp_dtype_from_name(None) is None
 
 
 def test_scheduler_steps_once_per_optimizer_step_across_epochs():
@@ -56,7 +57,7 @@ def test_scheduler_steps_once_per_optimizer_step_across_epochs():
     lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=100, steps_per_epoch=5, warmup_iters=8,
                                               warmup_factor=0.01)
     for epoch in range(2):
-        stats = engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), epoch,
+        stats = loop.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), epoch,
                                        lr_scheduler=lr_scheduler, show_progress=False)
         assert stats["optimizer_steps"] == 5
     factor = functools.partial(schedule.lr_factor, total_steps=100, steps_per_epoch=5, warmup_iters=8,
@@ -68,7 +69,7 @@ def test_scheduler_steps_once_per_optimizer_step_across_epochs():
 def test_train_one_epoch_means():
     model = StandIn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 0, show_progress=False)
+    stats = loop.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 0, show_progress=False)
     a, b = zip(*model.seen_losses)
     assert stats["loss_a"] == pytest.approx(sum(a) / 5) and stats["loss_b"] == pytest.approx(sum(b) / 5)
     assert stats["loss"] == pytest.approx((sum(a) + sum(b)) / 5)
@@ -82,7 +83,7 @@ def test_loss_weights_weigh_the_minimised_loss_and_the_logged_terms_stay_raw():
     model = StandIn()
     w_before = model.w.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = engine.train_one_epoch(model, optimizer, _batches(3), torch.device("cpu"), 0, loss_weights=weights,
+    stats = loop.train_one_epoch(model, optimizer, _batches(3), torch.device("cpu"), 0, loss_weights=weights,
                                    print_freq=1, show_progress=False, on_log=lambda i, v: logged.append(v))
     a, b = zip(*model.seen_losses)
     assert stats["loss_a"] == pytest.approx(sum(a) / 3) and stats["loss_b"] == pytest.approx(sum(b) / 3)  # raw
@@ -92,10 +93,10 @@ def test_loss_weights_weigh_the_minimised_loss_and_the_logged_terms_stay_raw():
     weighted, zeroed = StandIn(), StandIn(scale=0.0)
     zeroed.load_state_dict(weighted.state_dict())
     for net, weights in ((weighted, {"loss_a": 0.0}), (zeroed, None)):
-        engine.train_one_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), _batches(3), torch.device("cpu"), 0,
+        loop.train_one_epoch(net, torch.optim.SGD(net.parameters(), lr=0.1), _batches(3), torch.device("cpu"), 0,
                                loss_weights=weights, show_progress=False)
     assert torch.allclose(weighted.w, zeroed.w) and not torch.equal(weighted.w, w_before)
-    assert engine.weighted_loss({"x": torch.tensor(2.0), "y": torch.tensor(5.0)}, {"y": 0.5}).item() == 4.5
+    assert loop.weighted_loss({"x": torch.tensor(2.0), "y": torch.tensor(5.0)}, {"y": 0.5}).item() == 4.5
 
 
 class Linear(nn.Module):
@@ -115,7 +116,7 @@ class Linear(nn.Module):
 def _regression_batches(batch: int, count: int = 4):
     torch.manual_seed(1)
     samples = [(torch.randn(3, 1, 1), {"y": torch.randn(())}) for _ in range(count)]
-    return [engine.collate_fn(samples[i:i + batch]) for i in range(0, count, batch)]
+    return [loop.collate_fn(samples[i:i + batch]) for i in range(0, count, batch)]
 
 
 def _gradient(model, loader, accumulate_steps):
@@ -129,7 +130,7 @@ def _gradient(model, loader, accumulate_steps):
             p.grad = None
 
     optimizer.zero_grad = zero_grad
-    engine.train_one_epoch(model, optimizer, loader, torch.device("cpu"), 0, accumulate_steps=accumulate_steps,
+    loop.train_one_epoch(model, optimizer, loader, torch.device("cpu"), 0, accumulate_steps=accumulate_steps,
                            show_progress=False)
     return grads
 
@@ -147,7 +148,7 @@ def test_accumulation_counts_optimizer_steps_and_scales_a_partial_group():
     model = Linear()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=10, steps_per_epoch=2)
-    stats = engine.train_one_epoch(model, optimizer, _regression_batches(1, count=3), torch.device("cpu"), 0,
+    stats = loop.train_one_epoch(model, optimizer, _regression_batches(1, count=3), torch.device("cpu"), 0,
                                    lr_scheduler=lr_scheduler, accumulate_steps=2, show_progress=False)
     assert stats["optimizer_steps"] == 2 and lr_scheduler.last_epoch == 2
     # the last, partial group (one batch) weighs like a whole batch: its gradient is that batch's own
@@ -164,7 +165,7 @@ def test_clip_grad_norm_bounds_the_step():
     model = StandIn(scale=1e4)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    engine.train_one_epoch(model, optimizer, _batches(1), torch.device("cpu"), 0, clip_grad_norm=0.01,
+    loop.train_one_epoch(model, optimizer, _batches(1), torch.device("cpu"), 0, clip_grad_norm=0.01,
                            show_progress=False)
     step = torch.cat([(p.detach() - q).flatten() for p, q in zip(model.parameters(), before)])
     assert 0 < step.norm() <= 0.01 + 1e-6
@@ -182,8 +183,8 @@ def test_non_finite_loss_stops_before_the_step():
         return out
 
     optimizer.step = step
-    with pytest.raises(engine.NonFiniteLossError) as exc:
-        engine.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 7, show_progress=False)
+    with pytest.raises(loop.NonFiniteLossError) as exc:
+        loop.train_one_epoch(model, optimizer, _batches(5), torch.device("cpu"), 7, show_progress=False)
     message = str(exc.value)
     assert "epoch 7, iteration 2" in message and "loss_b=nan" in message and "loss_a=" in message
     assert "\n" not in message
@@ -194,10 +195,10 @@ def test_non_finite_loss_stops_before_the_step():
 def test_amp_paths_run(dtype):
     model = StandIn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    amp_dtype = engine.amp_dtype_from_name(dtype)
+    amp_dtype = loop.amp_dtype_from_name(dtype)
     scaler = torch.amp.GradScaler("cpu") if amp_dtype is torch.float16 else None
     before = model.w.detach().clone()
-    stats = engine.train_one_epoch(model, optimizer, _batches(3), torch.device("cpu"), 0, scaler=scaler,
+    stats = loop.train_one_epoch(model, optimizer, _batches(3), torch.device("cpu"), 0, scaler=scaler,
                                    amp_dtype=amp_dtype, clip_grad_norm=10.0, show_progress=False)
     assert torch.isfinite(torch.tensor(stats["loss"])) and not torch.equal(before, model.w.detach())
 
@@ -224,7 +225,7 @@ def val_ds(tiny_coco):
 
 
 def _loader(ds):
-    return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds)), collate_fn=engine.collate_fn)
+    return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds)), collate_fn=loop.collate_fn)
 
 
 def _ground_truth_outputs(ds):
@@ -238,7 +239,7 @@ def _ground_truth_outputs(ds):
 
 
 def _evaluate(model, ds):
-    return engine.evaluate(model, _loader(ds), torch.device("cpu"), ds.coco, ds.label_to_cat_id, 0.5,
+    return loop.evaluate(model, _loader(ds), torch.device("cpu"), ds.coco, ds.label_to_cat_id, 0.5,
                            label_names=ds.label_names)
 
 
@@ -292,8 +293,8 @@ def _evaluate_shard(rank: int, world: int, init_file: str, root: str, out: str) 
     try:
         ds = ChromosomeDataset(root, "val", transforms=get_transform("none", train=False))
         loader = DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), world, rank),
-                            collate_fn=engine.collate_fn)
-        record = engine.evaluate(ContentOracle(ds), loader, torch.device("cpu"), ds.coco, ds.label_to_cat_id,
+                            collate_fn=loop.collate_fn)
+        record = loop.evaluate(ContentOracle(ds), loader, torch.device("cpu"), ds.coco, ds.label_to_cat_id,
                                  label_names=ds.label_names)
         Path(out, f"record_{rank}.json").write_text(json.dumps(record))
     finally:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from network_files.config import ModelConfig
-from train_utils.inference import (
+from train_utils.jobs.predict import (
     InferenceError,
     PredictionsWriter,
     expand_inputs,
@@ -24,7 +24,7 @@ from train_utils.inference import (
     prepare_model,
     write_predictions,
 )
-from train_utils.visualize import OVERLAP_COLOR
+from train_utils.outputs.visualize import OVERLAP_COLOR
 
 H, W = 48, 64
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_coco
 
 import train
-from conftest import make_tiny_coco
-from train_utils.results import read_jsonl
+from train_utils.outputs.results import read_jsonl
 
 EPOCHS = {"maskrcnn": 30, "dacseg": 40}
 MIN_LOSS_DROP = 4.0  # first epoch's mean loss / last epoch's

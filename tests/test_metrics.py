@@ -8,7 +8,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from train_utils import metrics
+from train_utils.evaluation import metrics
 
 H = W = 64
 

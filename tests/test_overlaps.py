@@ -93,7 +93,7 @@ def test_no_second_copy_of_the_rule():
     """Flags are computed in overlaps.py only: a function elsewhere that derives them from masks is a second copy
     that could drift (metrics.overlapping_flags reads a COCO index and calls ``instance_flags``)."""
     assert _functions_named("overlapping_from") == []
-    assert sorted(_functions_named("overlapping_flags")) == ["train_utils/metrics.py:overlapping_flags"]
+    assert sorted(_functions_named("overlapping_flags")) == ["train_utils/evaluation/metrics.py:overlapping_flags"]
     defaults = [line for path in ROOT.rglob("*.py") if ".venv" not in path.parts and path.parts[-2] != "tests"
                 for line in path.read_text().splitlines() if "overlap_area" in line and "20.0" in line]
     assert defaults == []  # one threshold, MIN_OVERLAP_AREA

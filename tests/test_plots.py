@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from train_utils import plots
+from train_utils.outputs import plots
 
 
 def _records():

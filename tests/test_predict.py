@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 import predict
 from network_files import ModelConfig, build_model
-from train_utils.checkpoint import save_checkpoint
+from train_utils.engine.checkpoint import save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAP_NAMES = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
@@ -174,9 +174,9 @@ def test_an_output_dir_that_is_a_file_is_one_line(tiny_coco, maskrcnn_ckpt, tmp_
 
 def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_coco, maskrcnn_ckpt, tmp_path,
                                                                           monkeypatch, capsys):
-    from train_utils import inference
+    from train_utils.jobs import predict as predict_job
 
-    real = inference.paste_detections
+    real = predict_job.paste_detections
 
     def paste(detections, size, *args, **kwargs):
         if size == (6000, 6000):
@@ -184,7 +184,7 @@ def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_c
                                "you tried to allocate 144000000 bytes.")
         return real(detections, size, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "paste_detections", paste)
+    monkeypatch.setattr(predict_job, "paste_detections", paste)
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("a.png", "c.png"):
@@ -201,9 +201,9 @@ def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_c
 
 
 def test_a_run_stopped_half_way_keeps_the_images_done(tiny_coco, maskrcnn_ckpt, tmp_path, monkeypatch):
-    from train_utils import inference
+    from train_utils.jobs import predict as predict_job
 
-    real, calls = inference.predict_image, []
+    real, calls = predict_job.predict_image, []
 
     def predict_then_stop(*args, **kwargs):
         calls.append(1)
@@ -211,7 +211,7 @@ def test_a_run_stopped_half_way_keeps_the_images_done(tiny_coco, maskrcnn_ckpt, 
             raise KeyboardInterrupt  # Ctrl-C (or a crash) during the second image
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_image", predict_then_stop)
+    monkeypatch.setattr(predict_job, "predict_image", predict_then_stop)
     out = tmp_path / "pred"
     with pytest.raises(KeyboardInterrupt):
         run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_*.png")

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from train_utils.coco_eval import STAT_NAMES
-from train_utils.record import format_record, format_summary, write_record
+from train_utils.evaluation.coco_eval import STAT_NAMES
+from train_utils.outputs.record import format_record, format_summary, write_record
 
 AREAS = ("all", "all", "all", "small", "medium", "large", "all", "all", "all", "small", "medium", "large")
 IOUS = ("0.50:0.95", "0.50", "0.75") + ("0.50:0.95",) * 9

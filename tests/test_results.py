@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from train_utils import results
+from train_utils.outputs import results
 
 LINE_RE = re.compile(r"^epoch:\d+ (-?\d+\.\d{4}  ){13}\d+\.\d{6}$")
 
@@ -86,7 +86,7 @@ def test_json_safe():
 
 
 def test_prepare_output_dir_creates_checks_and_names_the_flag(tmp_path):
-    from train_utils.results import prepare_output_dir
+    from train_utils.outputs.results import prepare_output_dir
 
     made = prepare_output_dir(tmp_path / "a" / "b")
     assert made.is_dir() and list(made.iterdir()) == []  # the write probe is gone
@@ -98,7 +98,7 @@ def test_prepare_output_dir_creates_checks_and_names_the_flag(tmp_path):
 
 
 def test_unfinished_checkpoint_writes_are_removed(tmp_path):
-    from train_utils.results import remove_unfinished_writes
+    from train_utils.outputs.results import remove_unfinished_writes
 
     for name in ("model_3.pth.tmp", "best.pth.tmp", "model_2.pth", "notes.tmp"):
         (tmp_path / name).write_text("x")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from train_utils import schedule
+from train_utils.engine import schedule
 
 
 def _factor(step, **kwargs):

@@ -18,8 +18,9 @@ from my_dataset_chromosome import ChromosomeDataset, read_image
 from network_files import ModelConfig, build_model
 from tools.coco_layout import write_coco_split
 from tools.synth_metaphase import SynthConfig, image_seed, render_metaphase
-from train_utils.checkpoint import save_checkpoint
-from train_utils.distributed import DistInfo
+from train_utils.engine.checkpoint import save_checkpoint
+from train_utils.engine.distributed import DistInfo
+from train_utils.engine.trainer import match_stain
 from train_utils.stain import (
     BRIGHT_ON_DARK,
     DARK_ON_BRIGHT,
@@ -29,7 +30,6 @@ from train_utils.stain import (
     needs_inversion,
     polarity_contrast,
 )
-from train_utils.trainer import match_stain
 
 LOOK = {"qband": BRIGHT_ON_DARK, "gband": DARK_ON_BRIGHT}
 
@@ -177,16 +177,16 @@ def q_and_g_images(tmp_path_factory) -> Path:
     (BRIGHT_ON_DARK, "invert", {"qband", "gband"}), (None, "auto", set())])
 def test_predict_brings_each_image_to_the_checkpoints_look(q_and_g_images, checkpoints, tmp_path, monkeypatch, capsys,
                                                           look, mode, inverted):
-    from train_utils import inference
+    from train_utils.jobs import predict as predict_job
 
     seen = {}
-    real = inference.predict_image
+    real = predict_job.predict_image
 
     def spy(model, image, *args, **kwargs):
         seen[len(seen)] = image.clone()
         return real(model, image, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "predict_image", spy)
+    monkeypatch.setattr(predict_job, "predict_image", spy)
     ckpt = checkpoints[look]
     out = tmp_path / "pred"
     argv = ["--weights-path", str(ckpt), str(q_and_g_images), "--output-dir", str(out), "--device", "cpu",

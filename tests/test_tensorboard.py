@@ -6,10 +6,10 @@ import shutil
 import sys
 
 import pytest
+from test_train import tiny_args
 
 import train
-from test_train import tiny_args
-from train_utils.tensorboard import record_scalars
+from train_utils.outputs.tensorboard import record_scalars
 
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 

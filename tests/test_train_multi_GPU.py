@@ -14,7 +14,7 @@ import torch
 
 import train
 import train_multi_GPU
-from train_utils.results import parse_epoch_line, read_jsonl
+from train_utils.outputs.results import parse_epoch_line, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DACSEG_TERMS = ("loss_overlap_cls", "loss_overlap", "loss_overlap_edge", "loss_overlap_else", "loss_overlap_else_edge")
@@ -91,17 +91,17 @@ FAILING_SCRIPT = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from my_dataset_chromosome import DatasetError
-from train_utils import engine
+from train_utils.engine import loop
 import train_multi_GPU
 
-real = engine.train_one_epoch
+real = loop.train_one_epoch
 
 def fail_on_rank_1(*args, **kwargs):
     if os.environ["RANK"] == "1":
         raise {error}
     return real(*args, **kwargs)
 
-engine.train_one_epoch = fail_on_rank_1
+loop.train_one_epoch = fail_on_rank_1
 sys.exit(train_multi_GPU.main())
 """
 
@@ -132,7 +132,7 @@ import sys
 import torch
 sys.path.insert(0, {repo!r})
 from torch import nn
-from train_utils import distributed, engine
+from train_utils.engine import distributed, loop
 
 info, device = distributed.init_distributed("cpu", 60)
 torch.manual_seed(1)
@@ -159,9 +159,9 @@ if info.distributed:  # rank r takes samples r, r + 2, ...: per step, the same 4
 else:
     mine = samples
 batch = {batch}
-loader = [engine.collate_fn(mine[i:i + batch]) for i in range(0, len(mine), batch)]
+loader = [loop.collate_fn(mine[i:i + batch]) for i in range(0, len(mine), batch)]
 optimizer = torch.optim.SGD(bare.parameters(), lr=0.1)
-stats = engine.train_one_epoch(model, optimizer, loader, device, 0, accumulate_steps={accumulate},
+stats = loop.train_one_epoch(model, optimizer, loader, device, 0, accumulate_steps={accumulate},
                                show_progress=False)
 if info.rank == 0:
     torch.save({{"weights": [p.detach() for p in bare.parameters()], "steps": stats["optimizer_steps"]}}, {out!r})

@@ -9,8 +9,8 @@ import torch
 import predict
 import validation
 from network_files import ModelConfig, build_model
-from train_utils.checkpoint import save_checkpoint
-from train_utils.tta import VIEWS, FlipTTA, _unflip, merge_views
+from train_utils.engine.checkpoint import save_checkpoint
+from train_utils.inference.tta import VIEWS, FlipTTA, _unflip, merge_views
 
 H, W = 40, 60
 
@@ -73,7 +73,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_flip_tta_wraps_a_real_detector(checkpoint):
-    from train_utils.checkpoint import load_model_from_checkpoint
+    from train_utils.engine.checkpoint import load_model_from_checkpoint
 
     model, _, _ = load_model_from_checkpoint(checkpoint, "cpu")
     model.roi_heads.score_thresh = 0.0

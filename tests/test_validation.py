@@ -11,7 +11,7 @@ import torch
 
 import validation
 from network_files import ModelConfig, build_model
-from train_utils.checkpoint import save_checkpoint
+from train_utils.engine.checkpoint import save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {"bbox", "segm", "precision", "recall", "f1", "overlap_segm", "non_overlap_segm", "count_mae",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_utils.visualize import OVERLAP_COLOR, PALETTE, draw_instances, instance_colors, overlap_outline
+from train_utils.outputs.visualize import OVERLAP_COLOR, PALETTE, draw_instances, instance_colors, overlap_outline
 
 H, W = 64, 80
 

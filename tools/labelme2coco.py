@@ -33,8 +33,8 @@ from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError, polygon_in_reach, read_json  # noqa: E402
 from overlaps import MIN_OVERLAP_AREA, overlapping_from_rles  # noqa: E402
-from train_utils.args import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
+from train_utils.cli import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 
 IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
 MAX_EXAMPLES = 3  # source files named per skip reason in the summary

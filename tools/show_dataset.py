@@ -21,8 +21,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from my_dataset_chromosome import ChromosomeDataset, DatasetError  # noqa: E402
 from tools.synth_metaphase import coco_statistics, format_statistics  # noqa: E402
-from train_utils.args import ArgumentParser  # noqa: E402
-from train_utils.visualize import draw_instances  # noqa: E402
+from train_utils.cli import ArgumentParser  # noqa: E402
+from train_utils.outputs.visualize import draw_instances  # noqa: E402
 
 
 def render_item(dataset: ChromosomeDataset, index: int, raw: bool = True) -> list[Image.Image]:

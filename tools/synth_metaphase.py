@@ -618,7 +618,7 @@ def format_statistics(stats: dict[str, Any]) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Errors as one line and exit status 2, as ``train_utils.args.ArgumentParser`` (kept here: no torch import)."""
+    """Errors as one line and exit status 2, as ``train_utils.cli.ArgumentParser`` (kept here: no torch import)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")

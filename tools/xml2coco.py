@@ -32,9 +32,9 @@ from tqdm import tqdm  # noqa: E402
 
 from my_dataset_chromosome import DatasetError  # noqa: E402
 from overlaps import MIN_OVERLAP_AREA  # noqa: E402
-from train_utils.args import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 from tools.coco_layout import rle_from_mask  # noqa: E402
 from tools.labelme2coco import CocoBuilder, ConversionSummary, parse_labels  # noqa: E402
+from train_utils.cli import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 
 
 def parse_xml(path: Path) -> etree._ElementTree:

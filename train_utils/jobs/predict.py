@@ -45,12 +45,12 @@ from my_dataset_chromosome import DatasetError, image_size, load_label_json, rea
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
 from train_utils import stain
-from train_utils.args import one_line
-from train_utils.coco_results import outputs_to_coco_results
-from train_utils.crops import CROPS_JSON, crop_background, write_image_crops
-from train_utils.results import prepare_output_dir, replace_file
-from train_utils.tta import FlipTTA
-from train_utils.visualize import draw_instances
+from train_utils.cli import one_line
+from train_utils.inference.tta import FlipTTA
+from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
+from train_utils.outputs.predictions import outputs_to_coco_results
+from train_utils.outputs.results import prepare_output_dir, replace_file
+from train_utils.outputs.visualize import draw_instances
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -165,7 +165,7 @@ def predict_image(
     device = torch.device(device)
     image = image.to(device)
     start = time.perf_counter()
-    if isinstance(model, FlipTTA):  # four views merged at full size (see train_utils.tta)
+    if isinstance(model, FlipTTA):  # four views merged at full size (see train_utils.inference.tta)
         output = model([image])[0]
         output["masks"] = output["masks"] > mask_thresh
         if device.type == "cuda":
@@ -314,7 +314,7 @@ def _predict_and_draw(model, image, device, path: Path, prefix: Path, label_name
 
 @dataclass
 class CropOptions:
-    """``predict.py --crops``: where the karyotype crops go and how they look (``train_utils.crops``)."""
+    """``predict.py --crops``: where the karyotype crops go and how they look (``train_utils.outputs.crops``)."""
 
     folder: Path
     background: str = "auto"

@@ -2,7 +2,7 @@
 
 Writes into ``--output-dir`` (process 0 only): ``args.json``, ``labels.json``, per epoch ``model_<epoch>.pth`` (the
 last ``--keep-last``), ``best.pth`` (best segm AP), a line in ``det_results.txt`` / ``seg_results.txt`` (see
-``train_utils.results``), a record in ``metrics.jsonl``, and the plots ``loss_and_lr.png`` / ``mAP.png``.
+``train_utils.outputs.results``), a record in ``metrics.jsonl``, and the plots ``loss_and_lr.png`` / ``mAP.png``.
 ``--test-only`` writes ``record_mAP.txt`` / ``record_mAP.json`` instead.
 
 An epoch that is evaluated is checkpointed before its evaluation (marked ``pending_eval``, with the epoch's training
@@ -34,9 +34,10 @@ from backbone import WeightsError
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, save_label_json
 from network_files import ModelConfig, build_model, load_detector_weights, resolve_config
 from overlaps import MIN_OVERLAP_AREA
-from train_utils import distributed, engine, plots, results, schedule, stain
-from train_utils.args import UserError, model_config_from_args, one_line, print_error
-from train_utils.checkpoint import (
+from train_utils import stain
+from train_utils.cli import UserError, model_config_from_args, one_line, print_error
+from train_utils.engine import distributed, loop, schedule
+from train_utils.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
     config_from_checkpoint,
@@ -46,11 +47,12 @@ from train_utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from train_utils.distributed import DistInfo
-from train_utils.record import format_summary, write_record
-from train_utils.results import prepare_output_dir
-from train_utils.samplers import ShardSampler, train_batch_sampler
-from train_utils.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+from train_utils.engine.distributed import DistInfo
+from train_utils.engine.samplers import ShardSampler, train_batch_sampler
+from train_utils.outputs import plots, results
+from train_utils.outputs.record import format_summary, write_record
+from train_utils.outputs.results import prepare_output_dir
+from train_utils.outputs.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 from transforms import get_transform
 
 USER_ERRORS = (UserError, DatasetError, CheckpointError, WeightsError)
@@ -85,7 +87,7 @@ def resolve_lr(args: argparse.Namespace, world_size: int) -> tuple[float, str]:
 
 def make_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int,
                   start_epoch: int = 0):
-    """The run's per-step lr schedule (``train_utils.schedule``), placed at ``start_epoch``, and its warmup length in
+    """The run's per-step lr schedule (``train_utils.engine.schedule``), placed at ``start_epoch``, and its warmup length in
     optimizer steps."""
     total_steps = args.epochs * steps_per_epoch
     warmup = schedule.default_warmup_iters(total_steps) if args.warmup_iters is None else args.warmup_iters
@@ -187,7 +189,7 @@ def resolve_resumed_flags(args: argparse.Namespace, checkpoint: dict[str, Any] |
 def _loader(dataset, batch_sampler=None, sampler=None, workers: int = 0, device=None) -> DataLoader:
     kwargs: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
         "batch_size": 1, "sampler": sampler}
-    return DataLoader(dataset, num_workers=workers, collate_fn=engine.collate_fn,
+    return DataLoader(dataset, num_workers=workers, collate_fn=loop.collate_fn,
                       pin_memory=device is not None and device.type == "cuda", **kwargs)
 
 
@@ -259,12 +261,12 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
     model.to(device)
     if args.amp is None:  # the reference setup trains with AMP; on the CPU float16 autocast is far slower
         args.amp = device.type == "cuda"
-    amp_dtype = engine.amp_dtype_from_name(args.amp_dtype) if args.amp else None
+    amp_dtype = loop.amp_dtype_from_name(args.amp_dtype) if args.amp else None
     output_dir = Path(args.output_dir)
     val_loader = _loader(val_ds, sampler=ShardSampler(len(val_ds), info.world_size, info.rank),
                          workers=args.workers, device=device)
     evaluate = functools.partial(
-        engine.evaluate, data_loader=val_loader, device=device, coco_gt=val_ds.coco,
+        loop.evaluate, data_loader=val_loader, device=device, coco_gt=val_ds.coco,
         label_to_cat_id=val_ds.label_to_cat_id, score_thresh=args.score_thresh, label_names=val_ds.label_names,
         amp_dtype=amp_dtype, mask_threshold=args.mask_thresh, min_overlap_area=config.min_overlap_area,
         show_progress=info.is_main,
@@ -344,7 +346,7 @@ class TrainingJob:
                 if self.board is not None:
                     self.board.iteration(first + iteration, values)
 
-            stats = engine.train_one_epoch(
+            stats = loop.train_one_epoch(
                 self.model, self.optimizer, self.train_loader, device, epoch, lr_scheduler=self.lr_scheduler,
                 scaler=self.scaler, amp_dtype=amp_dtype, clip_grad_norm=args.clip_grad_norm,
                 accumulate_steps=args.accumulate_steps, loss_weights=self.config.loss_weights,
@@ -512,7 +514,7 @@ def main(args: argparse.Namespace) -> int:
         distributed.announce_failure(info.rank)
         print_error(f"{prefix}{one_line(exc)}")
         code = 2
-    except engine.NonFiniteLossError as exc:
+    except loop.NonFiniteLossError as exc:
         distributed.announce_failure(info.rank)
         print_error(f"{prefix}{exc}")
         code = 1

@@ -15,8 +15,7 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS
-from network_files.config import OVERLAP_CLS_HEADS, ModelConfig
+from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS, ModelConfig
 from overlaps import MIN_OVERLAP_AREA
 from train_utils.stain import STAIN_MODES
 from transforms import PRESETS

@@ -12,8 +12,8 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from overlaps import MIN_OVERLAP_AREA
-from train_utils import distributed
-from train_utils.coco_results import outputs_to_coco_results
+from train_utils.engine import distributed
+from train_utils.outputs.predictions import outputs_to_coco_results
 
 
 class NonFiniteLossError(RuntimeError):
@@ -212,13 +212,13 @@ def evaluate(
     min_overlap_area: float = MIN_OVERLAP_AREA,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """The evaluation record (``train_utils.coco_eval.evaluate_results``) of ``model`` on the loader's images.
+    """The evaluation record (``train_utils.evaluation.coco_eval.evaluate_results``) of ``model`` on the loader's images.
 
     Under ``torch.distributed`` each process predicts its shard, process 0 evaluates the gathered results and every
     process returns the same record: the numbers equal a one-process evaluation. ``label_names`` maps model labels
     to names. Pass the bare model, not its ``DistributedDataParallel`` wrapper.
     """
-    from train_utils.coco_eval import evaluate_results
+    from train_utils.evaluation.coco_eval import evaluate_results
 
     results, image_ids = predict_results(model, data_loader, device, label_to_cat_id, amp_dtype, mask_threshold,
                                          show_progress)

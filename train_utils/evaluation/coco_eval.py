@@ -2,7 +2,7 @@
 chromosome metrics: the full evaluation record.
 
 ``evaluate_results`` is shared by training (each epoch), ``validation.py`` (a checkpoint or any results file) and
-anything else that has COCO results; ``train_utils.record.write_record`` writes what it returns.
+anything else that has COCO results; ``train_utils.outputs.record.write_record`` writes what it returns.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from numbers import Real
 from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
+from faster_coco_eval import COCOeval_faster
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from faster_coco_eval import COCOeval_faster
 
 from overlaps import MIN_OVERLAP_AREA
-from train_utils import metrics
+from train_utils.evaluation import metrics
 
 IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")

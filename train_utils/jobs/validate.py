@@ -2,7 +2,7 @@
 
 With ``--weights-path`` the model is rebuilt from the checkpoint alone and run over the split; with ``--results-json``
 the detections of any tool (``predict.py``'s ``predictions.json`` included) are scored without a model. Both end in
-``train_utils.coco_eval.evaluate_results`` and ``train_utils.record.write_record``.
+``train_utils.evaluation.coco_eval.evaluate_results`` and ``train_utils.outputs.record.write_record``.
 """
 from __future__ import annotations
 
@@ -18,13 +18,27 @@ from torch.utils.data import DataLoader
 
 from my_dataset_chromosome import ChromosomeDataset, DatasetError, load_label_json
 from train_utils import stain
-from train_utils.args import ArgumentParser, UserError, add_data_args, add_device_args, add_model_check_arg
-from train_utils.args import add_stain_arg, add_threshold_args, check_model_name, print_error
-from train_utils.checkpoint import CheckpointError, config_from_checkpoint, load_checkpoint, model_from_checkpoint
-from train_utils.coco_eval import evaluate_results
-from train_utils.engine import collate_fn, predict_results
-from train_utils.record import format_summary, write_record
-from train_utils.tta import FlipTTA
+from train_utils.cli import (
+    ArgumentParser,
+    UserError,
+    add_data_args,
+    add_device_args,
+    add_model_check_arg,
+    add_stain_arg,
+    add_threshold_args,
+    check_model_name,
+    print_error,
+)
+from train_utils.engine.checkpoint import (
+    CheckpointError,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from train_utils.engine.loop import collate_fn, predict_results
+from train_utils.evaluation.coco_eval import evaluate_results
+from train_utils.inference.tta import FlipTTA
+from train_utils.outputs.record import format_summary, write_record
 
 # written next to predictions.json by predict.py: maps its image ids (input order) to image files
 PREDICT_IMAGES_JSON = "images.json"
@@ -50,7 +64,7 @@ def get_args_parser() -> ArgumentParser:
     add_model_check_arg(parser)
     add_stain_arg(parser)
     parser.add_argument("--tta", action="store_true",
-                        help="test-time flips: score the merge of each image and its three flips (train_utils.tta)")
+                        help="test-time flips: score the merge of each image and its three flips (train_utils.inference.tta)")
     parser.add_argument("-b", "--batch-size", type=int, default=1, metavar="N",
                         help="images per inference batch (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="K",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from train_utils.visualize import FONT_PATH
+from train_utils.outputs.visualize import FONT_PATH
 
 CROP_BACKGROUNDS = ("auto", "white", "black")
 CROPS_JSON = "crops.json"

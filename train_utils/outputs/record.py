@@ -1,4 +1,4 @@
-"""Writing an evaluation record (``train_utils.coco_eval.evaluate_results``) as ``record_mAP.txt`` and ``record_mAP.json``."""
+"""Writing an evaluation record (``train_utils.evaluation.coco_eval.evaluate_results``) as ``record_mAP.txt`` and ``record_mAP.json``."""
 from __future__ import annotations
 
 import json
