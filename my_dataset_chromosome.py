@@ -37,12 +37,13 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from tqdm import tqdm
 
+from errors import DaCSegError, one_line
 from overlaps import MIN_OVERLAP_AREA, instance_flags
 
 UPSTREAM_IMAGES_DIR = "imgb"
 
 
-class DatasetError(ValueError):
+class DatasetError(DaCSegError):
     """Bad dataset input; the message is one line naming the file or id at fault."""
 
 
@@ -52,10 +53,6 @@ class MaskMismatchWarning(UserWarning):
 
 class DegenerateAnnotationWarning(UserWarning):
     """Some polygons or masks could not be used and were skipped (one warning per dataset)."""
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _scale_by_range(array: np.ndarray) -> np.ndarray:
@@ -129,7 +126,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.size
     except _DECODE_ERRORS as exc:
-        raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
+        raise DatasetError(f"cannot read image {path}: {one_line(exc)}") from None
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
@@ -146,7 +143,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         array = _read_tiff(path) if _is_tiff(path) else _read_with_pillow(path)
     except _DECODE_ERRORS as exc:
-        raise DatasetError(f"cannot read image {path}: {_one_line(exc)}") from None
+        raise DatasetError(f"cannot read image {path}: {one_line(exc)}") from None
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0).expand(3, -1, -1)
@@ -212,7 +209,7 @@ def read_json(path: Path) -> Any:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path}: {_one_line(exc)}") from None
+        raise DatasetError(f"cannot read {path}: {one_line(exc)}") from None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -260,24 +257,33 @@ def polygon_in_reach(polygon: list[float], height: int, width: int) -> bool:
     return all(math.isfinite(v) and -reach <= v <= reach for v in polygon)
 
 
-def _clean_polygons(segmentation: list, height: int, width: int, skipped: _SkipCounter,
-                    where: str) -> list[list[float]]:
-    """The usable parts of a (multi-part) polygon: at least 3 points and not entirely outside the image."""
-    parts = []
-    for poly in segmentation:
+def usable_polygons(polygons: list, height: int, width: int, where: str,
+                    skip: Callable[[str], Any]) -> tuple[list[list[float]], dict[str, Any] | None]:
+    """The usable parts of a (multi-part) polygon and their merged RLE (None when no part is usable).
+
+    A part with fewer than 3 points, entirely outside the image or of zero area is left out and ``skip(reason)``
+    told; a part that is not a flat list of numbers, or that has a point far outside the image, is a
+    ``DatasetError`` naming ``where``. The dataset and the converters share this rule.
+    """
+    parts, rles = [], []
+    for poly in polygons:
         if not isinstance(poly, list) or len(poly) % 2 or not all(isinstance(v, (int, float)) for v in poly):
             raise DatasetError(f"{where}: a polygon must be a flat list [x0, y0, x1, y1, ...] of numbers")
         if not polygon_in_reach(poly, height, width):
             raise DatasetError(f"{where}: a polygon point is not finite or lies far outside the {width}x{height} image")
-        if len(poly) < 6:
-            skipped.reasons["fewer than 3 points"] += 1
-            continue
         xs, ys = poly[0::2], poly[1::2]
-        if max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
-            skipped.reasons["outside the image"] += 1
-            continue
-        parts.append([float(v) for v in poly])
-    return parts
+        if len(poly) < 6:
+            skip("fewer than 3 points")
+        elif max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
+            skip("outside the image")
+        else:
+            rle = mask_utils.frPyObjects([[float(v) for v in poly]], height, width)[0]
+            if mask_utils.area(rle) == 0:
+                skip("zero area")
+            else:
+                parts.append([float(v) for v in poly])
+                rles.append(rle)
+    return parts, (mask_utils.merge(rles) if rles else None)
 
 
 def _annotation_rle(ann: dict[str, Any], height: int, width: int, skipped: _SkipCounter, where: str):
@@ -296,21 +302,15 @@ def _annotation_rle(ann: dict[str, Any], height: int, width: int, skipped: _Skip
         try:
             empty = mask_utils.area(rle) == 0
         except Exception as exc:  # pycocotools raises bare errors on corrupt counts
-            raise DatasetError(f"{where}: corrupt RLE ({_one_line(exc)})") from None
+            raise DatasetError(f"{where}: corrupt RLE ({one_line(exc)})") from None
         if empty:
             skipped.reasons["empty mask"] += 1
             return None, None
         return rle, segmentation
     if not isinstance(segmentation, list):
         raise DatasetError(f"{where}: no polygon or RLE \"segmentation\"")
-    parts = _clean_polygons(segmentation, height, width, skipped, where)
-    rles = mask_utils.frPyObjects(parts, height, width) if parts else []
-    kept = [(part, rle) for part, rle in zip(parts, rles) if mask_utils.area(rle) > 0]
-    if len(kept) < len(parts):
-        skipped.reasons["zero area"] += len(parts) - len(kept)
-    if not kept:
-        return None, None
-    return mask_utils.merge([rle for _, rle in kept]), [part for part, _ in kept]
+    parts, rle = usable_polygons(segmentation, height, width, where, lambda reason: skipped.reasons.update([reason]))
+    return (None, None) if rle is None else (rle, parts)
 
 
 def _quiet_coco(dataset: dict[str, Any]) -> COCO:
@@ -338,7 +338,6 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         ann_file: str | os.PathLike | None = None,
         images_dir: str | os.PathLike | None = None,
-        remove_images_without_annotations: bool = False,
         min_overlap_area: float = MIN_OVERLAP_AREA,
     ) -> None:
         self.root = Path(root)
@@ -353,8 +352,6 @@ class ChromosomeDataset(torch.utils.data.Dataset):
         self._index_images_and_instances(doc)
         self.ids = sorted(self._images)
         self.invert_ids: set[int] = set()  # image ids whose grey levels are inverted as they load (``--stain``)
-        if remove_images_without_annotations:
-            self.ids = [i for i in self.ids if self._instances[i]]
 
     def _find_annotation_file(self, ann_file: str | os.PathLike | None) -> tuple[Path, Path]:
         default_images = self.root / "images"
@@ -408,56 +405,57 @@ class ChromosomeDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{self.ann_file}: image id {image_id} has file_name {img['file_name']!r}, which "
                                    f"points outside {self.images_dir}; file names are relative to it")
             self._images[image_id] = {**img, "width": int(sizes[0]), "height": int(sizes[1])}
+        self._index_instances(doc)
 
+    def _index_instances(self, doc: dict[str, Any]) -> None:
+        """Check every annotation, keep its usable mask (one warning counts what was skipped) and index the
+        non-crowd ones per image; ``.coco`` holds the same cleaned annotations for evaluation."""
         skipped = _SkipCounter()
         self._instances: dict[int, list[dict[str, Any]]] = {i: [] for i in self._images}
-        kept_annotations = []
-        seen_ids: set[int] = set()
-        mismatched = 0
+        kept_annotations, seen_ids, mismatched = [], set(), 0
         for number, ann in enumerate(doc["annotations"]):
-            if not isinstance(ann, dict):
-                raise DatasetError(f"{self.ann_file}: annotation entry {ann!r} is not an object")
-            ann_id = ann.get("id")
-            if not isinstance(ann_id, int) or isinstance(ann_id, bool):
-                raise DatasetError(f"{self.ann_file}: annotation number {number + 1} (image id {ann.get('image_id')}) "
-                                   "has no integer \"id\"")
-            if ann_id in seen_ids:
-                raise DatasetError(f"{self.ann_file}: duplicate annotation id {ann_id} (COCO evaluation indexes "
-                                   "annotations by id)")
-            seen_ids.add(ann_id)
-            where = f"{self.ann_file}: annotation {ann_id}"
-            img = self._images.get(ann.get("image_id"))
-            if img is None:
-                raise DatasetError(f"{where} points at unknown image id {ann.get('image_id')}")
-            if ann.get("category_id") not in self.cat_id_to_label:
-                raise DatasetError(f"{where} has unknown category id {ann.get('category_id')}")
+            img, where = self._checked_annotation(ann, number, seen_ids)
             rle, segmentation = _annotation_rle(ann, img["height"], img["width"], skipped, where)
             if rle is None:
                 skipped.dropped_annotations += 1
                 continue
             # the mask is the one truth: training boxes come from it, so evaluation's box and area do too
-            area = float(mask_utils.area(rle))
-            bbox = [float(v) for v in mask_utils.toBbox(rle)]
+            area, bbox = float(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]
             mismatched += _disagrees_with_mask(ann, bbox, area)
             kept = {**ann, "segmentation": segmentation, "area": area, "bbox": bbox,
                     "iscrowd": int(ann.get("iscrowd", 0) or 0)}
             kept_annotations.append(kept)
-            if kept["iscrowd"]:
-                continue
-            flag = ann.get("overlapping")
-            self._instances[img["id"]].append({
-                "rle": rle,
-                "label": self.cat_id_to_label[ann["category_id"]],
-                "area": float(kept["area"]),
-                "overlapping": None if flag is None else bool(flag),
-            })
+            if not kept["iscrowd"]:
+                flag = ann.get("overlapping")
+                self._instances[img["id"]].append({"rle": rle, "label": self.cat_id_to_label[ann["category_id"]],
+                                                   "area": area, "overlapping": None if flag is None else bool(flag)})
         if skipped.reasons:
-            warnings.warn(skipped.message(self.ann_file), DegenerateAnnotationWarning, stacklevel=3)
+            warnings.warn(skipped.message(self.ann_file), DegenerateAnnotationWarning, stacklevel=4)
         if mismatched:
             warnings.warn(f"{self.ann_file}: {mismatched} annotation(s) have a \"bbox\" or \"area\" that disagrees "
                           "with their mask by more than a pixel; the mask's box and area are used",
-                          MaskMismatchWarning, stacklevel=3)
+                          MaskMismatchWarning, stacklevel=4)
         self.coco = _quiet_coco({**doc, "annotations": kept_annotations})
+
+    def _checked_annotation(self, ann: Any, number: int, seen_ids: set[int]) -> tuple[dict[str, Any], str]:
+        """The image of annotation ``number`` and how errors name it; DatasetError for a bad id, image or class."""
+        if not isinstance(ann, dict):
+            raise DatasetError(f"{self.ann_file}: annotation entry {ann!r} is not an object")
+        ann_id = ann.get("id")
+        if not isinstance(ann_id, int) or isinstance(ann_id, bool):
+            raise DatasetError(f"{self.ann_file}: annotation number {number + 1} (image id {ann.get('image_id')}) "
+                               "has no integer \"id\"")
+        if ann_id in seen_ids:
+            raise DatasetError(f"{self.ann_file}: duplicate annotation id {ann_id} (COCO evaluation indexes "
+                               "annotations by id)")
+        seen_ids.add(ann_id)
+        where = f"{self.ann_file}: annotation {ann_id}"
+        img = self._images.get(ann.get("image_id"))
+        if img is None:
+            raise DatasetError(f"{where} points at unknown image id {ann.get('image_id')}")
+        if ann.get("category_id") not in self.cat_id_to_label:
+            raise DatasetError(f"{where} has unknown category id {ann.get('category_id')}")
+        return img, where
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_utils.jobs.validate import get_args_parser, main, parse_args, run_validation  # noqa: E402,F401
+from train_utils.cli import get_validation_parser, parse_validation_args  # noqa: E402,F401
+from train_utils.jobs.validate import main, run_validation  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from errors import DaCSegError
+
 # "ResNet50_Weights.IMAGENET1K_V1", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "ResNet50_Weights.DEFAULT"
 _WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+")
 _WRAPPER_KEYS = ("model", "state_dict")
 _MAX_LISTED = 8
 
 
-class WeightsError(ValueError):
+class WeightsError(DaCSegError):
     """Weights that cannot be used; the message is one line naming the file or weights name."""
 
 
@@ -46,8 +48,8 @@ class LoadReport:
             dropped = _format(_group_by_depth(self.dropped, 3))
             lines.append(f"dropped {_tensors(len(self.dropped))} ({self.dropped_reason}): {dropped}")
         groups = group_by_absent_module(self.missing, self.source_keys)
-        new = {prefix: keys for prefix, keys in groups.items() if len(keys) > 1}
-        single = {prefix: keys for prefix, keys in groups.items() if len(keys) == 1}
+        new = {prefix: groups[prefix] for prefix in self.new_modules}
+        single = {prefix: keys for prefix, keys in groups.items() if prefix not in new}
         parts = ([f"new modules, start fresh: {_format(new)}"] if new else []) + ([_format(single)] if single else [])
         lines.append(f"missing {_tensors(len(self.missing))}" + (f": {'; '.join(parts)}" if parts else ""))
         unexpected = group_by_absent_module(self.unexpected, self.model_keys)

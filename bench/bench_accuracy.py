@@ -10,7 +10,7 @@ with ``train`` / ``val`` splits) and converted into a temporary folder. ``stock`
 ``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)``, trained
 through its own forward. All three go through the same loop (``train_utils.engine.loop.train_one_epoch``), the same
 per-step schedule (``train_utils.engine.schedule``: SGD, momentum 0.9, wd 1e-4, linear warmup from 0.001x, cosine to 0,
-gradient norms clipped at 10), the same flips, and the same evaluation (``train_utils.engine.loop.evaluate``).
+gradient norms clipped at 10), the same flips, and the same evaluation (``train_utils.evaluation.score.evaluate``).
 
 The budget is optimizer steps (``--budget-iters``) or wall-clock seconds of training (``--budget-s``): with seconds,
 the first steps measure the speed and the schedule is laid over the steps that fit, so a faster pipeline trains
@@ -42,9 +42,10 @@ from network_files import build_model, resolve_config  # noqa: E402
 from network_files.config import ModelConfig  # noqa: E402
 from tools.labelme2coco import convert_labelme  # noqa: E402
 from train_utils.engine import loop, schedule  # noqa: E402
-from train_utils.cli import ArgumentParser  # noqa: E402
+from train_utils.evaluation import score  # noqa: E402
+from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
-from train_utils.engine.trainer import seed_everything  # noqa: E402
+from train_utils.engine.setup import seed_everything  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 MODELS = ("stock", "maskrcnn", "dacseg")
@@ -189,7 +190,7 @@ def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.devi
     steps, train_s, rate = train_model(model, preset, train_ds, device, seed, workers)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=loop.collate_fn)
     amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
-    record = loop.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
+    record = score.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
                              label_names=val_ds.label_names, amp_dtype=amp_dtype, show_progress=True)
     return Outcome(name, seed, steps, train_s, rate, record, time.perf_counter() - wall)
 
@@ -256,12 +257,12 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA,
                         help="BioImLab labelme root or a COCO-layout root (default: %(default)s)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to train")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; several print the spread")
-    parser.add_argument("--budget-iters", type=int, default=None, help="optimizer steps (overrides the preset)")
-    parser.add_argument("--budget-s", type=float, default=None, help="training seconds (overrides the preset)")
-    parser.add_argument("--train-images", type=int, default=None, help="train on the first N images only")
+    parser.add_argument("--seeds", nargs="+", type=number_arg(int, low=0), default=[0], help="seeds; several print the spread")
+    parser.add_argument("--budget-iters", type=number_arg(int, low=1), default=None, help="optimizer steps (overrides the preset)")
+    parser.add_argument("--budget-s", type=number_arg(float, 0.0, low_open=True), default=None, help="training seconds (overrides the preset)")
+    parser.add_argument("--train-images", type=number_arg(int, low=1), default=None, help="train on the first N images only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=2, help="data-loading processes (default: 2)")
     parser.add_argument("--out", type=Path, default=None, help="also write the outcomes as JSON here")
     return parser
 

@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: before numpy is imported
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -19,16 +18,22 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.synth_metaphase import STAINS, SynthConfig, generate, parse_size  # noqa: E402
+from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 
 TARGET_IMAGES_PER_S = 200 / 60
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=20)
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=number_arg(int, low=1), default=20)
     parser.add_argument("--size", type=parse_size, default=(768, 576), metavar="WxH")
     parser.add_argument("--stain", choices=STAINS, default="qband")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number_arg(int, low=0), default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})

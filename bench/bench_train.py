@@ -9,7 +9,7 @@ Measures, for one model (or ours and stock torchvision's with ``--compare-stock`
   Prints steps/s, images/s, the share of the time spent waiting for the next batch (data loading the step did not
   hide), the peak GPU memory on CUDA, and images/s relative to the reference;
 * inference: ``model.eval()`` without gradients over the val split (``--synthetic``: over the N synthetic images)
-  through ``train_utils.engine.loop.iter_predictions`` (outputs copied to the CPU, as evaluation does), with batch 1
+  through ``train_utils.evaluation.score.iter_predictions`` (outputs copied to the CPU, as evaluation does), with batch 1
   and batch 4, after a few untimed batches. It also prints the detections per image: pasting the masks of each
   detection is a good part of inference, and a barely trained model keeps up to 100 low-scoring ones.
 
@@ -51,22 +51,30 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from my_dataset_chromosome import ChromosomeDataset, DatasetError  # noqa: E402
-from network_files import build_model, resolve_config  # noqa: E402
+from my_dataset_chromosome import ChromosomeDataset  # noqa: E402
 from network_files.config import MODEL_NAMES, OVERLAP_CLS_HEADS  # noqa: E402
-from tools.synth_metaphase import SynthConfig, SynthError, generate  # noqa: E402
+from tools.synth_metaphase import SynthConfig, generate  # noqa: E402
 from train_utils.engine import loop  # noqa: E402
+from train_utils.evaluation import score  # noqa: E402
+from errors import DaCSegError  # noqa: E402
 from train_utils.cli import (  # noqa: E402
     ArgumentParser,
+    number_arg,
     UserError,
     add_data_args,
     add_device_args,
-    model_config_from_args,
     parse_args,
     print_error,
 )
-from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
-from train_utils.engine.trainer import make_optimizer, make_schedule, resolve_lr, seed_everything  # noqa: E402
+from train_utils.engine.setup import (  # noqa: E402
+    build_run_model,
+    make_optimizer,
+    make_schedule,
+    resolve_lr,
+    resolve_run_flags,
+    seed_everything,
+    training_loader,
+)
 from transforms import get_transform  # noqa: E402
 
 REFERENCE_IMAGES_PER_S = 109 * 121 / 390  # stock Mask R-CNN, BioImLab train, AMP, batch 4, one H100: 33.8
@@ -160,8 +168,7 @@ def training_args(args: argparse.Namespace, model_name: str) -> argparse.Namespa
     if args.amp is not None:
         argv.append("--amp" if args.amp else "--no-amp")
     train_args = parse_args(argv, prog="bench_train.py")
-    if train_args.amp is None:  # as train_utils.engine.trainer.run: AMP on CUDA, full precision on the CPU
-        train_args.amp = torch.device(args.device).type == "cuda"
+    resolve_run_flags(train_args, None, torch.device(args.device))
     return train_args
 
 
@@ -172,26 +179,20 @@ def make_model(name: str, train_args: argparse.Namespace, num_classes: int) -> t
             weights=None, weights_backbone=None, num_classes=num_classes + 1,
             min_size=train_args.min_size, max_size=train_args.max_size,
         )
-    config = resolve_config(model_config_from_args(train_args, num_classes), pretrained=False)
-    return build_model(config)
+    return build_run_model(train_args, num_classes, None, print)[0]
 
 
 def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dataset: ChromosomeDataset,
                      device: torch.device, warmup: int, steps: int) -> TrainResult:
     """Time ``steps`` steps of ``loop.train_one_epoch`` after ``warmup`` untimed ones."""
-    loader = DataLoader(  # as train_utils.engine.trainer.run builds the training loader
-        dataset,
-        batch_sampler=train_batch_sampler(len(dataset), dataset.aspect_ratios(), train_args.batch_size,
-                                          train_args.aspect_ratio_group_factor, seed=train_args.seed),
-        num_workers=train_args.workers, collate_fn=loop.collate_fn, pin_memory=device.type == "cuda",
-    )
+    loader = training_loader(dataset, train_args, device)
     lr, _ = resolve_lr(train_args, world_size=1)
     optimizer = make_optimizer(model, train_args, lr)
     # train.py's schedule laid over the timed steps; the warmup stays the run's 300 steps, so this short run stays
     # near its start: ramping to lr 0.02 within a few steps makes a model trained from scratch diverge (a
     # non-finite loss would end the benchmark), and the lr hardly changes the work a step does
     lr_scheduler, _ = make_schedule(optimizer, train_args, steps_per_epoch=warmup + steps)
-    amp_dtype = loop.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
+    amp_dtype = loop.resolve_amp(train_args.amp, train_args.amp_dtype, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     batches = TimedBatches(loader, warmup, steps, device)
     seed_everything(train_args.seed, 1, 0)
@@ -205,17 +206,17 @@ def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dat
 
 def measure_inference(model: torch.nn.Module, dataset: ChromosomeDataset, batch_size: int, device: torch.device,
                       amp_dtype: torch.dtype | None, workers: int, warmup: int) -> InferenceResult:
-    """Time one pass of ``loop.iter_predictions`` over ``dataset`` after ``warmup`` untimed batches."""
+    """Time one pass of ``score.iter_predictions`` over ``dataset`` after ``warmup`` untimed batches."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=loop.collate_fn, pin_memory=device.type == "cuda")
-    for index, _ in enumerate(loop.iter_predictions(model, loader, device, amp_dtype)):
+    for index, _ in enumerate(score.iter_predictions(model, loader, device, amp_dtype)):
         if index + 1 >= warmup:
             break
     _synchronize(device)
     _reset_peak_memory(device)
     start = time.perf_counter()
     images = detections = 0
-    for outputs, ids in loop.iter_predictions(model, loader, device, amp_dtype):
+    for outputs, ids in score.iter_predictions(model, loader, device, amp_dtype):
         images += len(ids)
         detections += sum(len(output["scores"]) for output in outputs)
     _synchronize(device)
@@ -254,7 +255,7 @@ def benchmark(name: str, args: argparse.Namespace, train_ds: ChromosomeDataset,
             print(format_train(name, result, train_args), flush=True)
             rates["train"] = result.images / result.seconds
         if infer_ds is not None:
-            amp_dtype = loop.amp_dtype_from_name(train_args.amp_dtype) if train_args.amp else None
+            amp_dtype = loop.resolve_amp(train_args.amp, train_args.amp_dtype, device)
             for batch_size in INFERENCE_BATCH_SIZES:
                 result = measure_inference(model, infer_ds, batch_size, device, amp_dtype, args.workers,
                                            max(1, args.warmup_steps))
@@ -271,7 +272,7 @@ def benchmark(name: str, args: argparse.Namespace, train_ds: ChromosomeDataset,
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="bench_train.py", description=__doc__.split("\n\n")[0])
     add_data_args(parser, required=False)
-    parser.add_argument("--synthetic", type=int, default=None, metavar="N",
+    parser.add_argument("--synthetic", type=number_arg(int, low=1), default=None, metavar="N",
                         help="train on N synthetic 768x576 spreads rendered into a temporary folder instead")
     parser.add_argument("--split", default="train", help="training split (default: %(default)s)")
     parser.add_argument("--val-split", default="val",
@@ -282,33 +283,29 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--compare-stock", action="store_true",
                         help="also measure stock torchvision Mask R-CNN and print ours / stock")
     add_device_args(parser)
-    parser.add_argument("-b", "--batch-size", type=int, default=4, help="training images per step (default: 4)")
+    parser.add_argument("-b", "--batch-size", type=number_arg(int, low=1), default=4, help="training images per step (default: 4)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision as train.py (default: on for CUDA, off on the CPU)")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps (default: %(default)s)")
-    parser.add_argument("--warmup-steps", type=int, default=5,
+    parser.add_argument("--steps", type=number_arg(int, low=1), default=30, help="timed training steps (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=number_arg(int, low=0), default=5,
                         help="untimed training steps (and inference batches) first (default: %(default)s)")
-    parser.add_argument("--min-size", type=int, default=800, help="model's shorter side (default: %(default)s)")
-    parser.add_argument("--max-size", type=int, default=1333, help="model's longer side limit (default: %(default)s)")
+    parser.add_argument("--min-size", type=number_arg(int, low=32), default=800, help="model's shorter side (default: %(default)s)")
+    parser.add_argument("--max-size", type=number_arg(int, low=32), default=1333, help="model's longer side limit (default: %(default)s)")
     parser.add_argument("--overlap-cls-head", choices=OVERLAP_CLS_HEADS, default="fc",
                         help="DaCSeg overlap classifier (default: %(default)s)")
     parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
                         help="measure training (default: on)")
     parser.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
                         help="measure inference with batch 1 and 4 (default: on)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    parser.add_argument("--seed", type=number_arg(int, low=0), default=0, help="seed of the weights and the batch order")
     return parser
 
 
 def _check_args(parser: ArgumentParser, args: argparse.Namespace) -> None:
     if (args.data_path is None) == (args.synthetic is None):
         parser.error("give exactly one of --data-path DIR and --synthetic N")
-    for flag, value, low in (("--synthetic", args.synthetic, 1), ("-b/--batch-size", args.batch_size, 1),
-                             ("--steps", args.steps, 1), ("--warmup-steps", args.warmup_steps, 0)):
-        if value is not None and value < low:
-            parser.error(f"{flag} must be at least {low}, got {value}")
-    if args.min_size < 32 or args.max_size < args.min_size:
-        parser.error(f"need 32 <= --min-size <= --max-size, got {args.min_size} and {args.max_size}")
+    if args.max_size < args.min_size:
+        parser.error(f"--max-size {args.max_size} is smaller than --min-size {args.min_size}")
     if args.compare_stock and args.model == STOCK:
         parser.error("--compare-stock compares our model with stock; pick --model maskrcnn or dacseg")
     if not (args.train or args.inference):
@@ -357,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 stock = benchmark(STOCK, args, train_ds, infer_ds, device)
                 ratios = "  ".join(f"{what} {ours[what] / stock[what]:.3f}x" for what in ours)
                 print(f"ratio {args.model} / stock: {ratios}", flush=True)
-    except (UserError, DatasetError, SynthError) as exc:
+    except DaCSegError as exc:
         print_error(exc)
         return 2
     except loop.NonFiniteLossError as exc:

@@ -10,6 +10,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from backbone import LoadReport, WeightsError, read_state_dict, resnet_fpn_backbone
 from backbone.weights import load_state_dict_report
 from network_files.config import ModelConfig
+from network_files.dacseg import convert_to_dacseg
 
 ANCHOR_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # modules whose shape depends on the number of classes (torchvision's predictors, and DaCSeg's overlap predictors,
@@ -64,8 +65,6 @@ def build_model(config: ModelConfig, pretrained_backbone: str | Path | None = No
         box_batch_size_per_image=config.rois_per_image,
     )
     if config.name == "dacseg":
-        from network_files.dacseg import convert_to_dacseg  # the heads pull in more code; only when asked
-
         model = convert_to_dacseg(model, config)
     return model
 

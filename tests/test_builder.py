@@ -1,8 +1,6 @@
 """The model builder: same structure as stock torchvision, config fields reach the model, detector weights load."""
 from __future__ import annotations
 
-import sys
-import types
 
 import pytest
 import torch
@@ -156,13 +154,12 @@ def test_dacseg_name_converts_the_model(monkeypatch):
         model.converted = True
         return model
 
-    monkeypatch.setitem(sys.modules, "network_files.dacseg", types.SimpleNamespace(convert_to_dacseg=convert_to_dacseg))
+    monkeypatch.setattr("network_files.builder.convert_to_dacseg", convert_to_dacseg)
     model = build_model(ModelConfig(name="dacseg", **TINY))
     assert calls == ["dacseg"] and model.converted
 
 
 def test_coco_weights_into_real_dacseg_heads(tmp_path, coco_like_state):
-    pytest.importorskip("network_files.dacseg")
     torch.save(coco_like_state, tmp_path / "coco.pth")
     model = build_model(ModelConfig(name="dacseg", overlap_cls_head="conv", trainable_layers=3, **TINY))
 

@@ -164,9 +164,9 @@ def test_bad_inputs_give_one_line_naming_the_culprit(tmp_path, capsys):
     assert "malformed JSON in" in _error([str(tmp_path / "broken.json"), "--out", out], capsys)
     assert "broken.json" in _error([str(tmp_path / "broken.json"), "--out", out], capsys)
 
-    assert "input not found: " in _error([str(tmp_path / "nope"), "--out", out], capsys)
+    assert "/nope' matches no file or folder" in _error([str(tmp_path / "nope"), "--out", out], capsys)
     (tmp_path / "empty_dir").mkdir()
-    assert "no *.json files in folder" in _error([str(tmp_path / "empty_dir"), "--out", out], capsys)
+    assert "empty_dir holds no labelme files (.json)" in _error([str(tmp_path / "empty_dir"), "--out", out], capsys)
 
     write_labelme(tmp_path / "ref.json", [], embed=False, image_name="gone.png")
     (tmp_path / "gone.png").unlink()

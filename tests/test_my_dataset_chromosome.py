@@ -162,7 +162,7 @@ def test_non_contiguous_category_ids_map_to_1_to_k(tmp_path):
     assert ds[0][1]["labels"].tolist() == [2, 3, 1]
 
 
-def test_images_without_annotations_stay_unless_removed(tmp_path):
+def test_images_without_annotations_stay(tmp_path):
     images = [image_entry(1), image_entry(2, width=50), image_entry(5)]
     annotations = [{"image_id": 2, "segmentation": [square(2, 2, 9, 9)]}]
     write_coco(tmp_path, "train", images, annotations)
@@ -174,8 +174,6 @@ def test_images_without_annotations_stay_unless_removed(tmp_path):
     assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, H, W)
     assert target["labels"].shape == (0,) and target["area"].shape == (0,) and target["overlapping"].shape == (0,)
     assert target["masks"].dtype == torch.uint8 and target["labels"].dtype == torch.int64
-    kept = load(tmp_path, remove_images_without_annotations=True)
-    assert kept.ids == [2] and len(kept) == 1 and kept.aspect_ratios() == [50 / H]
 
 
 def test_crowd_annotations_stay_in_coco_but_not_in_targets(tmp_path):

@@ -1,6 +1,7 @@
 """The training plots render from metrics.jsonl records, with or without evaluation."""
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 from train_utils.outputs import plots
@@ -30,13 +31,36 @@ def test_plot_all_writes_both_pngs(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp*"))
 
 
+def _lines(ax) -> dict[str, tuple[list, list]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_loss_figure_draws_every_term_and_the_lr():
+    fig = plots.loss_and_lr_figure(_records())
+    loss_ax, lr_ax = fig.axes
+    lines = _lines(loss_ax)
+    assert lines["loss (total)"] == ([0, 1, 2, 3], pytest.approx([3.0, 1.5, 1.0, 0.75]))
+    assert set(lines) == {"loss (total)", "loss_classifier", "loss_mask"}
+    assert _lines(lr_ax)["learning rate"] == ([0, 1, 2, 3], pytest.approx([0.02, 0.01, 0.005, 0.0025]))
+    assert loss_ax.get_yscale() == "log"  # the terms differ by orders of magnitude
+    # a zero loss term cannot go on a log axis: the plot falls back to linear
+    zero = plots.loss_and_lr_figure([dict(r, loss_mask=0.0) for r in _records()])
+    assert zero.axes[0].get_yscale() == "linear"
+
+
+def test_map_figure_draws_the_evaluated_epochs_only():
+    lines = _lines(plots.map_figure(_records()).axes[0])
+    assert lines["segm AP@[.5:.95]"] == ([1, 3], pytest.approx([0.12, 0.36]))
+    assert lines["bbox AP50"] == ([1, 3], pytest.approx([0.2, 0.6]))
+    assert set(lines) == {"bbox AP@[.5:.95]", "bbox AP50", "segm AP@[.5:.95]", "segm AP50"}
+
+
 def test_plots_without_evaluation_or_records(tmp_path):
     no_eval = [{k: v for k, v in r.items() if k not in ("bbox", "segm")} for r in _records()]
+    empty = plots.map_figure(no_eval).axes[0]
+    assert _lines(empty) == {} and [t.get_text() for t in empty.texts] == ["no evaluation yet"]
     assert _is_png(plots.plot_map(no_eval, tmp_path / "m.png"))
     assert _is_png(plots.plot_loss_and_lr([], tmp_path / "l.png"))
-    # a zero loss term cannot go on a log axis; the plot falls back to linear
-    zero = [dict(r, loss_mask=0.0) for r in _records()]
-    assert _is_png(plots.plot_loss_and_lr(zero, tmp_path / "z.png"))
 
 
 def test_epoch_ticks_are_integers_and_thinned():

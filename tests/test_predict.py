@@ -12,8 +12,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import predict
+from errors import UserError
 from network_files import ModelConfig, build_model
 from train_utils.engine.checkpoint import save_checkpoint
+from train_utils.inference.detect import paste_detections
+from train_utils.jobs.predict import is_out_of_memory, label_maps, output_stems, overlap_map_images, overlay
+from train_utils.outputs.visualize import OVERLAP_COLOR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAP_NAMES = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
@@ -174,9 +178,9 @@ def test_an_output_dir_that_is_a_file_is_one_line(tiny_coco, maskrcnn_ckpt, tmp_
 
 def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_coco, maskrcnn_ckpt, tmp_path,
                                                                           monkeypatch, capsys):
-    from train_utils.jobs import predict as predict_job
+    from train_utils.inference import detect
 
-    real = predict_job.paste_detections
+    real = detect.paste_detections
 
     def paste(detections, size, *args, **kwargs):
         if size == (6000, 6000):
@@ -184,7 +188,7 @@ def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_c
                                "you tried to allocate 144000000 bytes.")
         return real(detections, size, *args, **kwargs)
 
-    monkeypatch.setattr(predict_job, "paste_detections", paste)
+    monkeypatch.setattr(detect, "paste_detections", paste)
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("a.png", "c.png"):
@@ -219,3 +223,91 @@ def test_a_run_stopped_half_way_keeps_the_images_done(tiny_coco, maskrcnn_ckpt, 
     assert [i["id"] for i in index["images"]] == [1] and (out / f"{index['images'][0]['stem']}_pred.png").is_file()
     results = read_lines_json(out / "predictions.json")
     assert results and {r["image_id"] for r in results} == {1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the job's pieces
+
+H, W = 48, 64
+
+
+def test_output_stems_never_collide():
+    paths = [Path("/d/a/img.png"), Path("/d/b/img.png"), Path("/d/c/x.png"), Path("/d/c/x.tif"),
+             Path("/d/c/Cell.png"), Path("/d/e/cell.png"), Path("/d/f/solo.png")]
+    stems = output_stems(paths)
+    assert stems == ["a__img", "b__img", "x_png", "x_tif", "c__Cell", "e__cell", "solo"]
+    assert output_stems([Path("/d/A.png"), Path("/d/a.png")]) == ["A_png", "a_png-2"]  # one file on a case-blind disk
+
+
+def hand_output(overlap_scores: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """Two crossing bars and a free one, as a model would return them ([N, 1, H, W] probabilities)."""
+    masks = torch.zeros(3, 1, H, W)
+    masks[0, 0, 20:26, 5:40] = 0.9
+    masks[1, 0, 5:45, 18:24] = 0.8
+    masks[2, 0, 10:40, 50:56] = 0.7
+    out = {
+        "boxes": torch.tensor([[5.0, 20, 39, 25], [18, 5, 23, 44], [50, 10, 55, 39]]),
+        "labels": torch.tensor([1, 1, 2]),
+        "scores": torch.tensor([0.9, 0.6, 0.3]),
+        "masks": masks,
+    }
+    if overlap_scores is not None:
+        out["overlap_scores"] = torch.tensor(overlap_scores)
+        for key in ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge"):
+            out[key] = masks * 0.5
+    return out
+
+
+def first(output: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    return {k: v[:count] for k, v in output.items()}
+
+
+def test_overlay_outlines_only_detections_predicted_overlapping():
+    image = torch.zeros(3, H, W)
+    names = {1: "chromosome", 2: "marker"}
+    marked = np.asarray(overlay(image, hand_output([0.9, 0.2, 0.1]), names, overlap_thresh=0.5))
+    red = np.all(marked == OVERLAP_COLOR, axis=-1)
+    assert red.any()
+    unmarked = np.asarray(overlay(image, hand_output([0.4, 0.2, 0.1]), names, overlap_thresh=0.5))
+    assert not np.all(unmarked == OVERLAP_COLOR, axis=-1).any()
+    maskrcnn = np.asarray(overlay(image, hand_output(), names))
+    assert not np.all(maskrcnn == OVERLAP_COLOR, axis=-1).any()
+    empty = overlay(image, first(hand_output([0.9, 0.9, 0.9]), 0), names, title="none")
+    assert empty.width >= W
+
+
+def test_overlap_maps_are_grey_pictures_of_the_maximum():
+    from test_detect import roi_output
+
+    rois = roi_output(overlap=True)
+    out = paste_detections(rois, (H, W))
+    pictures = overlap_map_images(out)
+    assert set(pictures) == {"overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge"}
+    grey = np.asarray(pictures["overlap_mask"])
+    assert pictures["overlap_mask"].mode == "L" and grey.shape == (H, W)
+    assert np.array_equal(grey, (out["overlap_mask"] * 255).round().to(torch.uint8).numpy())
+    none = overlap_map_images(paste_detections(first(rois, 0), (H, W)))
+    assert (np.asarray(none["overlap_edge"]) == 0).all() and none["overlap_edge"].size == (W, H)
+
+
+def test_out_of_memory_is_recognised_and_other_errors_are_not():
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 144000000 bytes."))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("shape '[2, 3]' is invalid for input of size 5"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_label_maps_come_from_the_checkpoint_or_a_label_json(tmp_path):
+    config = ModelConfig(num_classes=2)
+    checkpoint = {"label_names": {1: "chromosome", 2: "marker"}, "label_to_cat_id": {1: 7, 2: 9}}
+    assert label_maps(checkpoint, config) == ({1: "chromosome", 2: "marker"}, {1: 7, 2: 9})
+    assert label_maps({}, config) == ({1: "class 1", 2: "class 2"}, {1: 1, 2: 2})
+    renamed = tmp_path / "labels.json"
+    renamed.write_text('{"1": "A", "2": "B"}')
+    assert label_maps(checkpoint, config, renamed)[0] == {1: "A", 2: "B"}
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"1": "A"}')
+    with pytest.raises(UserError, match=r"wrong\.json names labels \[1\] but the model has 2 class"):
+        label_maps(checkpoint, config, wrong)

@@ -83,25 +83,3 @@ def test_append_jsonl_is_strict_json_and_one_record_per_epoch(tmp_path):
 def test_json_safe():
     value = {"a": (1.0, float("nan")), 2: {"b": float("-inf")}}
     assert results.json_safe(value) == {"a": [1.0, None], "2": {"b": None}}
-
-
-def test_prepare_output_dir_creates_checks_and_names_the_flag(tmp_path):
-    from train_utils.outputs.results import prepare_output_dir
-
-    made = prepare_output_dir(tmp_path / "a" / "b")
-    assert made.is_dir() and list(made.iterdir()) == []  # the write probe is gone
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(OSError, match=r"^--output-dir .*file is a file, not a folder$"):
-        prepare_output_dir(tmp_path / "file")
-    with pytest.raises(OSError, match=r"^--crops .*file/sub: cannot write there"):
-        prepare_output_dir(tmp_path / "file" / "sub", flag="--crops")
-
-
-def test_unfinished_checkpoint_writes_are_removed(tmp_path):
-    from train_utils.outputs.results import remove_unfinished_writes
-
-    for name in ("model_3.pth.tmp", "best.pth.tmp", "model_2.pth", "notes.tmp"):
-        (tmp_path / name).write_text("x")
-    removed = remove_unfinished_writes(tmp_path)
-    assert [p.name for p in removed] == ["best.pth.tmp", "model_3.pth.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_2.pth", "notes.tmp"]

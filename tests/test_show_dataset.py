@@ -42,9 +42,16 @@ def test_compare_puts_a_second_dataset_below(tiny_coco, tmp_path):
     assert show_dataset.main(["--data-path", str(synth), "--out", str(single), "--no-stats"]) == 0
     assert show_dataset.main(["--data-path", str(synth), "--out", str(double), "--compare", str(tiny_coco),
                               "--compare-split", "val"]) == 0
-    (one,), (two,) = _pictures(single), _pictures(double)
-    with Image.open(one) as a, Image.open(two) as b:
-        assert b.height > 1.8 * a.height and b.width >= a.width
+    other = tmp_path / "other"
+    assert show_dataset.main(["--data-path", str(tiny_coco), "--split", "val", "--out", str(other), "--num", "1",
+                              "--no-stats"]) == 0
+    (one,), (two,), (below,) = _pictures(single), _pictures(double), _pictures(other)
+    with Image.open(one) as a, Image.open(two) as b, Image.open(below) as c:
+        top, bottom, lower = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")), np.asarray(c.convert("RGB"))
+    # the first row is the dataset's own picture, the second the compared dataset's first item, 6 px below
+    assert np.array_equal(bottom[:top.shape[0], :top.shape[1]], top)
+    start = bottom.shape[0] - lower.shape[0]
+    assert start >= top.shape[0] + 6 and np.array_equal(bottom[start:, :lower.shape[1]], lower)
 
 
 def test_real_data_next_to_synthetic(bioimlab, tmp_path):

@@ -20,7 +20,7 @@ from tools.coco_layout import write_coco_split
 from tools.synth_metaphase import SynthConfig, image_seed, render_metaphase
 from train_utils.engine.checkpoint import save_checkpoint
 from train_utils.engine.distributed import DistInfo
-from train_utils.engine.trainer import match_stain
+from train_utils.engine.setup import match_stain
 from train_utils.stain import (
     BRIGHT_ON_DARK,
     DARK_ON_BRIGHT,

@@ -15,7 +15,8 @@ import torchvision.models.detection.roi_heads as tv_roi_heads
 from PIL import Image
 
 import train
-from train_utils.engine import loop, schedule
+from train_utils.engine import schedule
+from train_utils.evaluation import score
 from train_utils.engine.checkpoint import load_checkpoint
 from train_utils.outputs.results import parse_epoch_line, read_jsonl
 
@@ -258,18 +259,18 @@ def test_script_help_and_bad_flag():
 def test_a_failure_during_evaluation_keeps_the_epoch_and_the_resume_evaluates_it(run_two_epochs, tiny_coco, tmp_path,
                                                                                 monkeypatch, capsys):
     out = tmp_path / "out"
-    evaluate = loop.evaluate
+    evaluate = score.evaluate
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C, or anything else that stops the job, while evaluating
 
-    monkeypatch.setattr(loop, "evaluate", killed)
+    monkeypatch.setattr(score, "evaluate", killed)
     assert train.main(tiny_args(tiny_coco, out, "--epochs", "2")) == 130  # run_two_epochs' run, stopped in epoch 0
     pending = load_checkpoint(out / "model_0.pth")["pending_eval"]
     assert pending["loss"] == read_jsonl(run_two_epochs / "metrics.jsonl")[0]["loss"]  # the epoch's training is kept
     assert not (out / "seg_results.txt").exists()
 
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(score, "evaluate", evaluate)
     capsys.readouterr()
     # --epochs 1: nothing is left to train, but the pending evaluation is done
     assert train.main(tiny_args(tiny_coco, out, "--epochs", "1", "--resume", str(out / "model_0.pth"))) == 0

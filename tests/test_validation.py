@@ -207,3 +207,21 @@ def test_stain_brings_the_split_to_the_checkpoints_look(tiny_coco, checkpoint, t
     assert records["as-is"]["stain"]["inverted"] == 0 and records["old"]["stain"]["model_polarity"] is None
     assert records["as-is"]["segm"]["stats"] == records["old"]["segm"]["stats"]
     assert records["as-is"]["num_detections"] == records["old"]["num_detections"]
+
+
+def test_validation_and_train_test_only_score_a_checkpoint_alike(tiny_coco, checkpoint, tmp_path, capsys):
+    """One scoring path: ``validation.py`` and ``train.py --test-only`` give the same record for one checkpoint."""
+    import train
+
+    assert validation.main(["--weights-path", str(checkpoint), "--data-path", str(tiny_coco), "--split", "val",
+                            "--output-dir", str(tmp_path / "v"), "--device", "cpu", "--workers", "0"]) == 0
+    assert train.main(["--data-path", str(tiny_coco), "--val-split", "val", "--resume", str(checkpoint),
+                       "--test-only", "--output-dir", str(tmp_path / "t"), "--device", "cpu", "--workers", "0"]) == 0
+    capsys.readouterr()
+    validated = json.loads((tmp_path / "v" / "record_mAP.json").read_text())
+    tested = json.loads((tmp_path / "t" / "record_mAP.json").read_text())
+    assert validated["num_detections"] == tested["num_detections"] > 0
+    for key in tested:
+        assert validated[key] == tested[key], key
+    assert (tmp_path / "v" / "record_mAP.txt").read_text().splitlines()[:60] == \
+        (tmp_path / "t" / "record_mAP.txt").read_text().splitlines()[:60]

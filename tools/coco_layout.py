@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_utils.outputs.files import write_text_atomic  # noqa: E402
 
 
 def polygon_bbox_area(polygons: Sequence[Sequence[float]], height: int, width: int) -> tuple[list[float], float]:
@@ -45,7 +49,4 @@ def write_coco_split(
         "annotations": annotations,
         "categories": categories,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, separators=(",", ":")))

@@ -31,12 +31,13 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from my_dataset_chromosome import DatasetError, polygon_in_reach, read_json  # noqa: E402
+from my_dataset_chromosome import DatasetError, read_json, usable_polygons  # noqa: E402
 from overlaps import MIN_OVERLAP_AREA, overlapping_from_rles  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
-from train_utils.cli import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
+from errors import DaCSegError, one_line, print_error  # noqa: E402
+from train_utils.cli import ArgumentParser, add_min_overlap_area_arg, expand_inputs  # noqa: E402
 
-IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}
+SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif"}  # Pillow format
 MAX_EXAMPLES = 3  # source files named per skip reason in the summary
 
 
@@ -85,7 +86,7 @@ def image_size(data: bytes, source: str) -> tuple[str, int, int]:
         with Image.open(io.BytesIO(data)) as img:
             return img.format or "", img.width, img.height
     except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetError(f"cannot read image {source}: {' '.join(str(exc).split())}") from None
+        raise DatasetError(f"cannot read image {source}: {one_line(exc)}") from None
 
 
 class CocoBuilder:
@@ -145,33 +146,16 @@ class CocoBuilder:
         exp_w, exp_h = expected_size
         if (exp_w is not None and exp_w != width) or (exp_h is not None and exp_h != height):
             raise DatasetError(f"{source}: the image is {width}x{height} but the annotation says {exp_w}x{exp_h}")
-        name = self._store(data, stem, IMAGE_SUFFIXES.get(fmt, suffix or ".png"))
+        name = self._store(data, stem, SUFFIX_OF_FORMAT.get(fmt, suffix or ".png"))
         entry = {"id": len(self.images) + 1, "file_name": name, "width": width, "height": height}
         self.images.append(entry)
         return entry
 
     def polygon_rle(self, polygons: list[list[float]], image: dict[str, Any], source: str):
-        """Usable parts of a (multi-part) polygon and their merged RLE; degenerate parts are skipped and counted."""
-        height, width = image["height"], image["width"]
-        usable = []
-        for poly in polygons:
-            if not polygon_in_reach(poly, height, width):
-                raise DatasetError(f"{source}: a polygon point is not finite or lies far outside the {width}x{height} "
-                                   "image")
-            xs, ys = poly[0::2], poly[1::2]
-            if len(poly) < 6:
-                self.skip("fewer than 3 points", source)
-            elif max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
-                self.skip("outside the image", source)
-            else:
-                rle = mask_utils.frPyObjects([poly], height, width)[0]
-                if mask_utils.area(rle) == 0:
-                    self.skip("zero area", source)
-                else:
-                    usable.append((poly, rle))
-        if not usable:
-            return None, None
-        return [p for p, _ in usable], mask_utils.merge([r for _, r in usable])
+        """Usable parts of a (multi-part) polygon and their merged RLE, by the dataset's rule
+        (``my_dataset_chromosome.usable_polygons``); degenerate parts are skipped and counted."""
+        return usable_polygons(polygons, image["height"], image["width"], source,
+                               lambda reason: self.skip(reason, source))
 
     def add_instances(self, image: dict[str, Any], instances: Iterable[tuple[str, Any, dict]]) -> None:
         """Add ``(label, segmentation, rle)`` instances of one image, with bbox, area and the overlapping flag."""
@@ -213,23 +197,6 @@ class CocoBuilder:
         categories = [{"id": k, "name": name} for name, k in cat_ids.items()]
         write_coco_split(self.out_dir, self.split, self.images, self.annotations, categories)
         return summary
-
-
-def expand_inputs(inputs: Sequence[str | Path], pattern: str = "*.json") -> list[Path]:
-    """Files as given and the ``pattern`` files of folders (sorted), without repeats; DatasetError on a bad input."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(item.glob(pattern))
-            if not found:
-                raise DatasetError(f"no {pattern} files in folder {item}")
-            files += found
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise DatasetError(f"input not found: {item}")
-    seen: set[Path] = set()
-    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
 def _read_labelme(path: Path) -> dict[str, Any]:
@@ -296,7 +263,8 @@ def convert_labelme(inputs: Sequence[str | Path], out_dir: str | Path, split: st
                     labels: Sequence[str] | None = None, min_overlap_area: float = MIN_OVERLAP_AREA) -> ConversionSummary:
     """Convert labelme JSON files / folders into ``out_dir``'s COCO layout (see the module docstring)."""
     builder = CocoBuilder(out_dir, split, labels, min_overlap_area)
-    for path in tqdm(expand_inputs(inputs), desc="labelme2coco", unit="file", disable=None):
+    for path in tqdm(expand_inputs(inputs, (".json",), "labelme files"), desc="labelme2coco", unit="file",
+                     disable=None):
         add_labelme_file(builder, path)
     return builder.write()
 
@@ -316,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         summary = convert_labelme(args.inputs, args.out, args.split, parse_labels(args.labels), args.min_overlap_area)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except DaCSegError as exc:
+        print_error(exc)
         return 2
     print("\n".join(summary.lines()))
     return 0

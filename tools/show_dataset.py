@@ -21,7 +21,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from my_dataset_chromosome import ChromosomeDataset, DatasetError  # noqa: E402
 from tools.synth_metaphase import coco_statistics, format_statistics  # noqa: E402
-from train_utils.cli import ArgumentParser  # noqa: E402
+from errors import DaCSegError, print_error  # noqa: E402
+from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 from train_utils.outputs.visualize import draw_instances  # noqa: E402
 
 
@@ -90,8 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="train",
                         help="split to show: annotations/instances_SPLIT.json (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
-    parser.add_argument("--num", type=int, default=8, help="number of images to render")
-    parser.add_argument("--start", type=int, default=0, help="index of the first item")
+    parser.add_argument("--num", type=number_arg(int, low=1), default=8, help="number of images to render")
+    parser.add_argument("--start", type=number_arg(int, low=0), default=0, help="index of the first item")
     parser.add_argument("--compare", metavar="ROOT2", help="second dataset shown below each picture")
     parser.add_argument("--compare-split", help="split of --compare (default: --split)")
     parser.add_argument("--raw", action=argparse.BooleanOptionalAction, default=True,
@@ -104,15 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.num < 1:
-        parser.error(f"--num must be at least 1, got {args.num}")
-    if args.start < 0:
-        parser.error(f"--start must not be negative, got {args.start}")
     try:
         written = show_dataset(args.data_path, args.split, args.out, args.num, args.start, args.compare,
                                args.compare_split, args.raw, args.stats)
-    except (DatasetError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (DaCSegError, OSError) as err:
+        print_error(err)
         return 2
     print(f"wrote {len(written)} pictures to {args.out}")
     return 0

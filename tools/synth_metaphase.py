@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,8 +32,10 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from errors import DaCSegError, print_error  # noqa: E402
 from overlaps import MIN_OVERLAP_AREA, instance_flags, overlapping_from_rles, segmentation_rle  # noqa: E402
 from tools.coco_layout import polygon_bbox_area, write_coco_split  # noqa: E402
+from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 
 # Relative length (% of the haploid genome) and centromere index (p-arm / total length) per chromosome type.
 KARYOTYPE: dict[str, tuple[float, float]] = {
@@ -54,7 +56,7 @@ TIP_ROUNDNESS = 0.6  # how far a tip reaches beyond the centre line, in half wid
 PERCENTILES = (5, 25, 50, 75, 95)
 
 
-class SynthError(ValueError):
+class SynthError(DaCSegError):
     """A bad argument or output location for the generator (one-line message)."""
 
 
@@ -613,15 +615,8 @@ def format_statistics(stats: dict[str, Any]) -> str:
     return (f"images: {stats['images']}  instances: {stats['instances']}\n"
             f"instances/image: mean {stats['instances_per_image']:.1f} "
             f"(min {stats['instances_per_image_min']}, max {stats['instances_per_image_max']})\n"
-            f"overlapping fraction (>= 20 px^2 shared): {stats['overlapping_fraction']:.3f}\n"
+            f"overlapping fraction (>= {MIN_OVERLAP_AREA:g} px^2 shared): {stats['overlapping_fraction']:.3f}\n"
             f"instance area px^2: {areas}  (p95/p5 {stats['area_p95_over_p5']:.1f})")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Errors as one line and exit status 2, as ``train_utils.cli.ArgumentParser`` (kept here: no torch import)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -635,38 +630,31 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="dataset root to write (images/ and annotations/)")
-    parser.add_argument("--num-images", type=int, required=True, help="number of images in this split")
+    parser.add_argument("--num-images", type=number_arg(int, low=1), required=True,
+                        help="number of images in this split")
     parser.add_argument("--split", default="train", help="split name; other splits under --out are kept")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=number_arg(int, low=0), default=0,
                         help="random seed (>= 0); the same seed and arguments give identical files")
     parser.add_argument("--size", type=parse_size, default=REFERENCE_SIZE, metavar="WxH", help="image size")
     parser.add_argument("--stain", choices=STAINS, default="qband",
                         help="qband: bright chromosomes on dark; gband: dark chromosomes on light")
-    parser.add_argument("--overlap-rate", type=float, default=SynthConfig.overlap_rate,
+    parser.add_argument("--overlap-rate", type=number_arg(float, 0.0, 1.0), default=SynthConfig.overlap_rate,
                         help="about this fraction of chromosomes overlaps another (the real data: about 0.07)")
-    parser.add_argument("--chromosomes", type=int, default=46, help="chromosomes per cell before aneuploidy")
-    parser.add_argument("--aneuploidy-rate", type=float, default=SynthConfig.aneuploidy_rate,
+    parser.add_argument("--chromosomes", type=number_arg(int, low=1), default=46,
+                        help="chromosomes per cell before aneuploidy")
+    parser.add_argument("--aneuploidy-rate", type=number_arg(float, 0.0, 1.0), default=SynthConfig.aneuploidy_rate,
                         help="fraction of cells with one chromosome more or less")
-    parser.add_argument("--workers", type=int, default=1, help="processes; the output does not depend on it")
+    parser.add_argument("--workers", type=number_arg(int, low=1), default=1,
+                        help="processes; the output does not depend on it")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not 0.0 <= args.overlap_rate <= 1.0:
-        parser.error(f"--overlap-rate must be within 0..1, got {args.overlap_rate}")
-    if not 0.0 <= args.aneuploidy_rate <= 1.0:
-        parser.error(f"--aneuploidy-rate must be within 0..1, got {args.aneuploidy_rate}")
-    if args.chromosomes < 1:
-        parser.error(f"--chromosomes must be at least 1, got {args.chromosomes}")
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.seed < 0:
-        parser.error(f"--seed must be at least 0, got {args.seed}")
     if not args.split or any(c in args.split for c in "/\\"):
         parser.error(f"--split must be a plain name, got {args.split!r}")
     width, height = args.size
@@ -674,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
                          chromosomes=args.chromosomes, aneuploidy_rate=args.aneuploidy_rate)
     try:
         doc = generate(args.out, args.num_images, args.split, args.seed, config, args.workers)
-    except SynthError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except DaCSegError as err:
+        print_error(err)
         return 2
     print(f"wrote {len(doc['images'])} images to {Path(args.out) / 'images'} and "
           f"{Path(args.out) / 'annotations' / f'instances_{args.split}.json'}")

@@ -34,6 +34,7 @@ from my_dataset_chromosome import DatasetError  # noqa: E402
 from overlaps import MIN_OVERLAP_AREA  # noqa: E402
 from tools.coco_layout import rle_from_mask  # noqa: E402
 from tools.labelme2coco import CocoBuilder, ConversionSummary, parse_labels  # noqa: E402
+from errors import DaCSegError, one_line, print_error  # noqa: E402
 from train_utils.cli import ArgumentParser, add_min_overlap_area_arg  # noqa: E402
 
 
@@ -43,9 +44,9 @@ def parse_xml(path: Path) -> etree._ElementTree:
     try:
         return etree.parse(str(path), parser)
     except etree.XMLSyntaxError as exc:
-        raise DatasetError(f"malformed XML in {path}: {' '.join(str(exc).split())}") from None
+        raise DatasetError(f"malformed XML in {path}: {one_line(exc)}") from None
     except OSError as exc:
-        raise DatasetError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+        raise DatasetError(f"cannot read {path}: {one_line(exc)}") from None
 
 
 def _int_attr(element: etree._Element, name: str, source: str) -> int:
@@ -124,7 +125,7 @@ def _read_object_map(path: Path) -> np.ndarray:
                                    f"got mode {img.mode}")
             return np.array(img)
     except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+        raise DatasetError(f"cannot read {path}: {one_line(exc)}") from None
 
 
 def add_voc_image(builder: CocoBuilder, voc_root: Path, image_id: str) -> None:
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = convert_xml(args.input, args.out, args.split, parse_labels(args.labels), args.images,
                               args.min_overlap_area)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except DaCSegError as exc:
+        print_error(exc)
         return 2
     print("\n".join(summary.lines()))
     return 0

@@ -1,4 +1,6 @@
-"""The command line of ``train.py`` / ``train_multi_GPU.py``, and the pieces ``validation.py`` and ``predict.py`` share.
+"""Every script's command line: the parsers of ``train.py`` / ``train_multi_GPU.py``, ``validation.py`` and
+``predict.py``, and the pieces the tools build theirs from (``ArgumentParser``, ``number_arg``, ``expand_inputs``,
+``--min-overlap-area``). Errors are one line and exit status 2; every number is range-checked.
 
 Training defaults are the reference recipe (stock torchvision Mask R-CNN on BioImLab): SGD, lr 0.02 for a total batch
 of 4 (scaled linearly to the total batch), momentum 0.9, weight decay 1e-4, a linear warmup over the first 300
@@ -8,31 +10,29 @@ and a model trained from scratch unless ``--pretrained`` / ``--pretrained-backbo
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
-import sys
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 import torch
 
+from errors import UserError, one_line, print_error  # noqa: F401 (the scripts' error helpers)
 from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS, ModelConfig
 from overlaps import MIN_OVERLAP_AREA
+from train_utils.outputs.crops import CROP_BACKGROUNDS
 from train_utils.stain import STAIN_MODES
 from transforms import PRESETS
 
 _MODEL_DEFAULTS = ModelConfig()
 
 
-class UserError(ValueError):
-    """A mistake the user can fix (a flag, a path); scripts print it as one line and exit 2."""
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """An ``argparse.ArgumentParser`` whose errors are one line, ``<prog>: error: <message>``, and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        message = " ".join(str(message).split())
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def default_device() -> str:
@@ -203,13 +203,33 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "torchvision weights name (default: none, from scratch)")
 
 
+def add_amp_args(parser: argparse.ArgumentParser) -> None:
+    """``--amp/--no-amp`` and ``--amp-dtype``: training and scoring share the default (on for CUDA, off on the CPU),
+    so a checkpoint scores the same through ``train.py --test-only`` and ``validation.py``."""
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision (autocast; a gradient scaler with float16) (default: on for CUDA, "
+                             "off on the CPU)")
+    parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
+                        help="autocast dtype with --amp (default: %(default)s)")
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
-    """Optimisation, schedule, data pipeline, checkpoints and distributed options of ``train.py``."""
-    group = parser.add_argument_group("training")
+    """Data, optimisation and schedule of ``train.py``."""
+    group = parser.add_argument_group("training data")
     group.add_argument("--train-split", default="train", metavar="NAME",
                        help="split trained on: annotations/instances_NAME.json (default: %(default)s)")
     group.add_argument("--val-split", default="val", metavar="NAME",
                        help="split evaluated after each epoch (default: %(default)s)")
+    group.add_argument("--data-augmentation", choices=PRESETS, default="flip",
+                       help="training augmentation preset; flip = horizontal + vertical flips (default: %(default)s)")
+    add_stain_arg(group, training=True)
+    group.add_argument("--invert-prob", type=number_arg(float, 0.0, 1.0), default=0.0, metavar="P",
+                       help="invert grey levels of a training image with probability P (Q-band <-> G-band look) "
+                            "(default: %(default)s)")
+    group.add_argument("--aspect-ratio-group-factor", type=number_arg(int, low=-1), default=3, metavar="K",
+                       help="batch images of similar aspect ratio, 2K+1 ratio bins; -1 turns grouping off "
+                            "(default: %(default)s)")
+    group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=number_arg(int, low=1), default=121, metavar="N",
                        help="total epochs to train; the reference recipe's length on 109 images, use fewer on "
                             "large sets (default: %(default)s)")
@@ -223,6 +243,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="SGD momentum (default: %(default)s)")
     group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=number_arg(float, low=0.0), default=1e-4,
                        metavar="WD", help="weight decay (default: %(default)s)")
+    group.add_argument("--clip-grad-norm", type=number_arg(float, low=0.0), default=10.0, metavar="NORM",
+                       help="clip the total gradient norm to NORM before each optimizer step; 0 turns clipping off "
+                            "(default: %(default)s)")
+    group.add_argument("--accumulate-steps", type=number_arg(int, low=1), default=1, metavar="N",
+                       help="sum the gradients of N batches per optimizer step (N x -b images per step; batch norm "
+                            "still sees -b images per forward, see --norm-layer frozen_bn or --sync-bn) "
+                            "(default: %(default)s)")
+    add_amp_args(group)
+    group = parser.add_argument_group("learning-rate schedule")
     group.add_argument("--lr-scheduler", choices=("cosine", "multistep"), default="cosine",
                        help="learning-rate decay after the warmup, per optimizer step (default: %(default)s)")
     group.add_argument("--lr-steps", type=number_arg(int, low=1), nargs="+", default=[16, 22], metavar="EPOCH",
@@ -234,27 +263,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "it off (default: 300, at most half the run)")
     group.add_argument("--warmup-factor", type=number_arg(float, 0.0, 1.0, low_open=True), default=1e-3, metavar="F",
                        help="lr factor at the first warmup iteration (default: %(default)s)")
-    group.add_argument("--clip-grad-norm", type=number_arg(float, low=0.0), default=10.0, metavar="NORM",
-                       help="clip the total gradient norm to NORM before each optimizer step; 0 turns clipping off "
-                            "(default: %(default)s)")
-    group.add_argument("--accumulate-steps", type=number_arg(int, low=1), default=1, metavar="N",
-                       help="sum the gradients of N batches per optimizer step (N x -b images per step; batch norm "
-                            "still sees -b images per forward, see --norm-layer frozen_bn or --sync-bn) "
-                            "(default: %(default)s)")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision (autocast; a gradient scaler with float16) (default: on for CUDA, "
-                            "off on the CPU)")
-    group.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
-                       help="autocast dtype with --amp (default: %(default)s)")
-    group.add_argument("--data-augmentation", choices=PRESETS, default="flip",
-                       help="training augmentation preset; flip = horizontal + vertical flips (default: %(default)s)")
-    add_stain_arg(group, training=True)
-    group.add_argument("--invert-prob", type=number_arg(float, 0.0, 1.0), default=0.0, metavar="P",
-                       help="invert grey levels of a training image with probability P (Q-band <-> G-band look) "
-                            "(default: %(default)s)")
-    group.add_argument("--aspect-ratio-group-factor", type=int, default=3, metavar="K",
-                       help="batch images of similar aspect ratio, 2K+1 ratio bins; -1 turns grouping off "
-                            "(default: %(default)s)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Seed, progress, evaluation, outputs, checkpoints, resuming and distributed options of ``train.py``."""
+    group = parser.add_argument_group("run")
     group.add_argument("--seed", type=number_arg(int, low=0), default=None,
                        help="random seed (default: a fresh one, saved in args.json and the checkpoints)")
     group.add_argument("--print-freq", type=number_arg(int, low=1), default=10, metavar="N",
@@ -295,6 +308,7 @@ def get_args_parser(prog: str | None = None, description: str | None = None) -> 
     add_threshold_args(parser)
     add_model_args(parser)
     add_training_args(parser)
+    add_run_args(parser)
     return parser
 
 
@@ -340,17 +354,133 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
         raise UserError(str(exc)) from None
 
 
-def one_line(message: object) -> str:
-    """The message on one line; an error raised in a DataLoader worker, which torch re-raises with the worker's
-    traceback as its message, is reduced to the original error's own message."""
-    text = str(message)
-    if "Original Traceback (most recent call last)" in text:
-        last = text.rstrip().splitlines()[-1]  # "module.ErrorClass: the message"
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split())
+def get_validation_parser() -> ArgumentParser:
+    """The parser of ``validation.py``."""
+    parser = ArgumentParser(prog="validation.py", description="Score a checkpoint, or an existing COCO results file, "
+                            "on a dataset split; writes record_mAP.txt and record_mAP.json.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights-path", metavar="CKPT",
+                        help="checkpoint written by train.py (model_<epoch>.pth or best.pth); the model is rebuilt "
+                             "from it alone")
+    source.add_argument("--results-json", metavar="JSON",
+                        help="score this COCO results file (a list of detections with image_id, category_id, score "
+                             "and bbox and/or segmentation) instead of running a model")
+    add_data_args(parser)
+    parser.add_argument("--split", default="val", metavar="NAME",
+                        help="split to score: annotations/instances_NAME.json (default: %(default)s)")
+    parser.add_argument("--output-dir", default=".", metavar="DIR",
+                        help="where record_mAP.txt and record_mAP.json go (default: the current folder)")
+    add_device_args(parser)
+    add_threshold_args(parser)
+    add_model_check_arg(parser)
+    add_stain_arg(parser)
+    add_amp_args(parser)
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flips: score the merge of each image and its three flips (train_utils.tta)")
+    parser.add_argument("-b", "--batch-size", type=number_arg(int, low=1), default=1, metavar="N",
+                        help="images per inference batch (default: %(default)s)")
+    parser.add_argument("--num-classes", type=number_arg(int, low=1), default=None, metavar="K",
+                        help="classes without background; only checked against the checkpoint and the data")
+    parser.add_argument("--label-json-path", default=None, metavar="JSON",
+                        help='class names {"1": "chromosome", ...}; checked against the data\'s categories')
+    return parser
 
 
-def print_error(message: object, prog: str | None = None) -> None:
-    """Print ``error: <message>`` (one line) to stderr."""
-    text = one_line(message)
-    print(f"{prog + ': ' if prog else ''}error: {text}", file=sys.stderr, flush=True)
+def parse_validation_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check ``validation.py``'s flags (errors exit 2 with one line)."""
+    parser = get_validation_parser()
+    args = parser.parse_args(argv)
+    for flag, used in (("--model", args.model is not None), ("--tta", args.tta), ("--amp", args.amp is not None)):
+        if used and args.results_json is not None:
+            parser.error(f"argument {flag}: goes with --weights-path; a --results-json file is scored as it is")
+    return args
+
+
+def get_predict_parser() -> ArgumentParser:
+    """The parser of ``predict.py``."""
+    parser = ArgumentParser(prog="predict.py", description="Predict chromosome instances on images with a trained "
+                            "checkpoint (Mask R-CNN or DaCSeg).")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders of images, or quoted globs (e.g. 'data/**/*.tif')")
+    parser.add_argument("--weights-path", required=True, metavar="CKPT",
+                        help="checkpoint written by train.py (model_<epoch>.pth or best.pth)")
+    parser.add_argument("--output-dir", default="predictions", metavar="DIR",
+                        help="where the pictures and JSON files go (default: %(default)s)")
+    parser.add_argument("--label-json-path", default=None, metavar="JSON",
+                        help='class names {"1": "chromosome", ...} (default: the names stored in the checkpoint)')
+    parser.add_argument("--overlap-thresh", type=number_arg(float, 0.0, 1.0), default=0.5, metavar="P",
+                        help="DaCSeg: outline detections whose overlap score is at least P (default: %(default)s)")
+    parser.add_argument("--save-overlap-maps", action="store_true",
+                        help="DaCSeg: also write each image's four overlap probability maps as grey PNGs")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time flips: predict the image and its three flips and merge them by mask matching "
+                             "(about 4x the time)")
+    add_crop_args(parser)
+    add_device_args(parser)
+    add_threshold_args(parser)
+    add_model_check_arg(parser)
+    add_stain_arg(parser)
+    return parser
+
+
+def add_crop_args(parser: argparse.ArgumentParser) -> None:
+    """``predict.py --crops`` and how the karyotype crops look (``train_utils.outputs.crops``)."""
+    crops = parser.add_argument_group("karyotype crops")
+    crops.add_argument("--crops", default=None, metavar="DIR",
+                       help="also write each detected chromosome upright on a clean background, a contact sheet per "
+                            "image and crops.json into DIR")
+    crops.add_argument("--crop-background", choices=CROP_BACKGROUNDS, default="auto",
+                       help="colour around each crop; auto: white for dark-on-bright (G-band) images, black for "
+                            "bright-on-dark (Q-band) ones (default: %(default)s)")
+    crops.add_argument("--crop-margin", type=number_arg(int, low=0), default=8, metavar="PX",
+                       help="background pixels around each chromosome (default: %(default)s)")
+    crops.add_argument("--crop-height", type=number_arg(int, low=1), default=None, metavar="PX",
+                       help="scale every crop to this height (default: keep the image's pixel scale)")
+
+
+def parse_predict_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check ``predict.py``'s flags (errors exit 2 with one line)."""
+    parser = get_predict_parser()
+    args = parser.parse_args(argv)
+    if args.save_overlap_maps and args.tta:
+        parser.error("argument --tta: not with --save-overlap-maps (the maps are not merged over flips)")
+    return args
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def expand_inputs(patterns: Sequence[str | os.PathLike], suffixes: Sequence[str] = IMAGE_SUFFIXES,
+                  what: str = "images") -> list[Path]:
+    """Files from INPUT arguments: files as named (whatever their suffix), the ``suffixes`` files of folders (not
+    recursive, hidden files skipped) and of quoted globs, in order and without repeats. ``UserError`` names an input
+    that gives nothing."""
+    found: list[Path] = []
+    listed = " ".join(suffixes)
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            files = _folder_files(path, suffixes)
+            if not files:
+                raise UserError(f"folder {path} holds no {what} ({listed})")
+            found.extend(files)
+        else:
+            hits = [Path(hit) for hit in sorted(glob.glob(str(pattern), recursive=True))]
+            if not hits:
+                raise UserError(f"input {str(pattern)!r} matches no file or folder")
+            files = [f for hit in hits for f in (_folder_files(hit, suffixes) if hit.is_dir() else [hit])
+                     if f.suffix.lower() in suffixes and not f.name.startswith(".")]
+            if not files:
+                raise UserError(f"input {str(pattern)!r} matches {len(hits)} path(s) but no {what} ({listed})")
+            found.extend(files)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _folder_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))

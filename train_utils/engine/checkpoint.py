@@ -10,20 +10,19 @@ import numpy as np
 import torch
 
 from backbone.weights import describe_load_error
+from errors import DaCSegError
+from network_files import build_model
 from network_files.config import ModelConfig
+from train_utils.outputs.files import atomic_write
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DaCSegError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` to ``path`` atomically: a run killed while saving leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -54,8 +53,6 @@ def model_from_checkpoint(
     checkpoint: dict[str, Any], path: str | os.PathLike = "checkpoint", device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, ModelConfig]:
     """Rebuild the model a loaded checkpoint describes and load its weights; returns (model in eval mode, config)."""
-    from network_files import build_model  # imported here: building pulls in torchvision's detection models
-
     config = config_from_checkpoint(checkpoint, path)
     model = build_model(config)
     try:
@@ -74,15 +71,14 @@ def load_model_from_checkpoint(
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states in a ``weights_only``-safe form."""
+    """Python, NumPy and torch RNG states in a ``weights_only``-safe form. (CUDA generators are left out: their
+    number depends on the machine, and every epoch reseeds all devices.)"""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -93,8 +89,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Path]:

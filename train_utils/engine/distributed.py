@@ -116,11 +116,6 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(buffer.data, src=src)
 
 
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
-
-
 FAILED_RANK_KEY = "dacseg/failed_rank"
 
 

@@ -1,19 +1,15 @@
-"""One epoch of training (AMP, gradient accumulation, clipping, a per-step lr schedule), inference and COCO
-evaluation; the same code on one or many processes (under ``torch.distributed`` the losses are averaged over
-processes and the results gathered)."""
+"""One epoch of training (AMP, gradient accumulation, clipping, a per-step lr schedule); the same code on one or
+many processes (under ``torch.distributed`` the losses are averaged over processes)."""
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from overlaps import MIN_OVERLAP_AREA
 from train_utils.engine import distributed
-from train_utils.outputs.predictions import outputs_to_coco_results
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +24,13 @@ def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[tuple[Any, ...], ...]:
 def amp_dtype_from_name(name: str | None) -> torch.dtype | None:
     """``"float16"`` / ``"bfloat16"`` -> the torch dtype; None -> None (full precision)."""
     return None if name is None else {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_amp(amp: bool | None, amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that ``--amp`` / ``--amp-dtype`` ask for; ``amp`` None means on for CUDA, off on the CPU
+    (float16 autocast is far slower there), as the reference recipe trained."""
+    on = device.type == "cuda" if amp is None else amp
+    return amp_dtype_from_name(amp_dtype) if on else None
 
 
 def _to_device(images: Iterable[torch.Tensor], targets: Iterable[Mapping[str, Any]], device: torch.device):
@@ -76,6 +79,46 @@ def weighted_loss(loss_dict: Mapping[str, torch.Tensor], loss_weights: Mapping[s
     return sum(value * weights.get(name, 1.0) for name, value in loss_dict.items())
 
 
+class _EpochMeans:
+    """Running sums of the loss terms (averaged over processes) and of the images seen in an epoch."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None
+        self.batches = self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, names: list[str], mean_terms: torch.Tensor, images: int) -> None:
+        self.names = names
+        self.sums = mean_terms if self.sums is None else self.sums + mean_terms
+        self.batches += 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        return {name: value / self.batches for name, value in zip(self.names, self.sums.tolist())}
+
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def _forward_backward(model: torch.nn.Module, images, targets, epoch: int, iteration: int, *, amp_dtype, loss_weights,
+                      scaler, divisor: int, sync: bool) -> tuple[list[str], torch.Tensor]:
+    """One batch's forward and backward (gradients divided by ``divisor``; DDP syncs only when ``sync``); returns the
+    loss names and every process's loss terms ``[processes, terms]``, checked finite on every process first."""
+    no_sync = getattr(model, "no_sync", None)
+    with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+        with torch.autocast(images[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_dict = model(images, targets)
+        loss = weighted_loss(loss_dict, loss_weights)
+        # one collective per batch: every process's loss terms (and a NaN anywhere reaches all of them)
+        terms = torch.stack([v.detach().float() for v in loss_dict.values()] + [loss.detach().float()])
+        per_rank = distributed.all_gather_tensor(terms)
+        names = [*loss_dict.keys(), "loss"]
+        _check_finite(per_rank, names, epoch, iteration)
+        (scaler.scale(loss / divisor) if scaler is not None else loss / divisor).backward()
+    return names, per_rank
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -107,13 +150,8 @@ def train_one_epoch(
     the lr of the last optimizer step.
     """
     model.train()
-    world_size = distributed.get_world_size()
-    num_batches = len(data_loader)
-    names: list[str] | None = None
-    sums: torch.Tensor | None = None
-    steps = images_seen = optimizer_steps = 0
-    last_lr = optimizer.param_groups[0]["lr"]
-    start = time.perf_counter()
+    num_batches, world_size = len(data_loader), distributed.get_world_size()
+    meter, optimizer_steps, last_lr = _EpochMeans(), 0, optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     with tqdm(data_loader, desc=f"epoch {epoch}", unit="it", disable=None if show_progress else True,
               dynamic_ncols=True) as bar:
@@ -122,115 +160,24 @@ def train_one_epoch(
             group_size = min(accumulate_steps, num_batches - group_start)
             last_in_group = iteration == group_start + group_size - 1
             images, targets = _to_device(images, targets, device)
-            no_sync = getattr(model, "no_sync", None)
-            with contextlib.nullcontext() if last_in_group or no_sync is None else no_sync():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss_dict = model(images, targets)
-                loss = weighted_loss(loss_dict, loss_weights)
-                # one collective per batch: every process's loss terms (and a NaN anywhere reaches all of them)
-                terms = torch.stack([v.detach().float() for v in loss_dict.values()] + [loss.detach().float()])
-                per_rank = distributed.all_gather_tensor(terms)
-                names = names or [*loss_dict.keys(), "loss"]
-                _check_finite(per_rank, names, epoch, iteration)
-                (scaler.scale(loss / group_size) if scaler is not None else loss / group_size).backward()
+            names, per_rank = _forward_backward(model, images, targets, epoch, iteration, amp_dtype=amp_dtype,
+                                                loss_weights=loss_weights, scaler=scaler, divisor=group_size,
+                                                sync=last_in_group)
             if last_in_group:
                 last_lr = optimizer.param_groups[0]["lr"]
                 _optimizer_step(model, optimizer, scaler, clip_grad_norm)
                 optimizer_steps += 1
                 if lr_scheduler is not None:
                     lr_scheduler.step()
-
             mean_terms = per_rank.mean(dim=0).cpu()
-            sums = mean_terms if sums is None else sums + mean_terms
-            steps += 1
-            images_seen += len(images) * world_size
+            meter.add(names, mean_terms, len(images) * world_size)
             if iteration % print_freq == 0 or iteration == num_batches - 1:
-                running = {name: value / steps for name, value in zip(names, sums.tolist())}
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{last_lr:.6f}",
-                                img_s=f"{images_seen / max(elapsed, 1e-9):.1f}", refresh=False)
+                bar.set_postfix(loss=f"{meter.means()['loss']:.4f}", lr=f"{last_lr:.6f}",
+                                img_s=f"{meter.images_per_s():.1f}", refresh=False)
                 if on_log is not None:
                     on_log(iteration, {**dict(zip(names, mean_terms.tolist())), "lr": last_lr})
-    elapsed = time.perf_counter() - start
-    if steps == 0:
+    if meter.batches == 0:
         raise ValueError("the training data loader yielded no batch")
-    means = {name: value / steps for name, value in zip(names, sums.tolist())}
+    means = meter.means()
     return {"loss": means.pop("loss"), **means, "lr": last_lr, "optimizer_steps": optimizer_steps,
-            "images_per_s": images_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
-
-
-@torch.inference_mode()
-def iter_predictions(
-    model: torch.nn.Module,
-    data_loader: Iterable,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    show_progress: bool = False,
-) -> Iterator[tuple[list[dict[str, torch.Tensor]], list[int]]]:
-    """Per batch of this process's loader: ``(outputs on the CPU in float32, image ids)``."""
-    model.eval()
-    for images, targets in tqdm(data_loader, desc="eval", unit="img", disable=None if show_progress else True,
-                                dynamic_ncols=True):
-        images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(images)
-        outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()} for out in outputs]
-        yield outputs, [int(t["image_id"]) for t in targets]
-
-
-def predict_results(
-    model: torch.nn.Module,
-    data_loader: Iterable,
-    device: torch.device,
-    label_to_cat_id: Mapping[int, int],
-    amp_dtype: torch.dtype | None = None,
-    mask_threshold: float = 0.5,
-    show_progress: bool = False,
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """COCO results of the whole loader (all processes' shards gathered, in image-id order) and the image ids."""
-    results: list[dict[str, Any]] = []
-    image_ids: list[int] = []
-    for outputs, ids in iter_predictions(model, data_loader, device, amp_dtype, show_progress):
-        results.extend(outputs_to_coco_results(outputs, ids, label_to_cat_id, mask_threshold))
-        image_ids.extend(ids)
-    shards = distributed.all_gather_object((results, image_ids))
-    results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])  # stable: keeps order
-    return results, sorted(i for _, ids in shards for i in ids)
-
-
-def evaluate(
-    model: torch.nn.Module,
-    data_loader: Iterable,
-    device: torch.device,
-    coco_gt: COCO,
-    label_to_cat_id: Mapping[int, int],
-    score_thresh: float = 0.5,
-    *,
-    label_names: Mapping[int, str] | None = None,
-    amp_dtype: torch.dtype | None = None,
-    mask_threshold: float = 0.5,
-    min_overlap_area: float = MIN_OVERLAP_AREA,
-    show_progress: bool = False,
-) -> dict[str, Any]:
-    """The evaluation record (``train_utils.evaluation.coco_eval.evaluate_results``) of ``model`` on the loader's images.
-
-    Under ``torch.distributed`` each process predicts its shard, process 0 evaluates the gathered results and every
-    process returns the same record: the numbers equal a one-process evaluation. ``label_names`` maps model labels
-    to names. Pass the bare model, not its ``DistributedDataParallel`` wrapper.
-    """
-    from train_utils.evaluation.coco_eval import evaluate_results
-
-    results, image_ids = predict_results(model, data_loader, device, label_to_cat_id, amp_dtype, mask_threshold,
-                                         show_progress)
-    outcome: tuple[str, Any] = ("ok", None)
-    if distributed.get_rank() == 0:
-        cat_names = {int(label_to_cat_id[int(k)]): v for k, v in label_names.items()} if label_names else None
-        try:
-            outcome = ("ok", evaluate_results(coco_gt, results, score_thresh, cat_names, image_ids=image_ids,
-                                              min_overlap_area=min_overlap_area))
-        except ValueError as exc:  # every process must learn of it, or the others wait in the broadcast
-            outcome = ("error", str(exc))
-    outcome = distributed.broadcast_object(outcome)
-    if outcome[0] == "error":
-        raise ValueError(outcome[1])
-    return outcome[1]
+            "images_per_s": meter.images_per_s(), "epoch_time_s": time.perf_counter() - meter.start}

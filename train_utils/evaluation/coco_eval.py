@@ -221,20 +221,9 @@ def evaluate_results(
         raise ValueError(f"score threshold must be in [0, 1], got {score_thresh}")
     gt = copy_coco(coco_gt)
     dets = check_results(gt, results)
-    if image_ids is None:
-        image_ids = sorted(gt.getImgIds())
-    else:
-        image_ids = sorted(set(image_ids))
-        missing = set(image_ids) - set(gt.getImgIds())
-        if missing:
-            raise ValueError(f"image id(s) not in the ground truth: {_fmt_ids(missing)}")
-        outside = {d["image_id"] for d in dets} - set(image_ids)
-        if outside:
-            raise ValueError(f"results name image id(s) outside the evaluated images: {_fmt_ids(outside)}")
-    names = _category_names(gt, label_names)
+    image_ids = _evaluated_images(gt, dets, image_ids)
     gt_anns = metrics.annotations_of(gt, image_ids)
     iou_types = ["bbox", "segm"] if not dets or "segmentation" in dets[0] else ["bbox"]
-
     record: dict[str, Any] = {
         "score_thresh": float(score_thresh),
         "match_iou": metrics.MATCH_IOU,
@@ -244,35 +233,61 @@ def evaluate_results(
         "num_detections": len(dets),
         "num_detections_at_thresh": sum(d["score"] >= score_thresh for d in dets),
     }
+    names = _category_names(gt, label_names)
     for iou_type in IOU_TYPES:
-        if iou_type not in iou_types:
-            record[iou_type] = None
-            continue
-        coco_dt = _results_coco(gt, dets, iou_type)
-        evaluator, lines = run_cocoeval(gt, coco_dt, iou_type, image_ids)
-        stats = [float(s) for s in evaluator.stats]
-        record[iou_type] = {
-            "stats": stats,
-            **dict(zip(STAT_NAMES, stats)),
-            "per_class_AP50": per_class_ap50(evaluator, names),
-            "summary_lines": lines,
-            **metrics.detection_prf(gt, dets, iou_type, score_thresh, image_ids=image_ids),
-        }
-
+        record[iou_type] = _coco_section(gt, dets, iou_type, image_ids, score_thresh, names) \
+            if iou_type in iou_types else None
     if record["segm"] is not None:
         record.update({k: record["segm"][k] for k in ("precision", "recall", "f1")})
-        overlapping = metrics.overlapping_flags(gt, min_overlap_area)
-        coco_dt = _results_coco(gt, dets, "segm")
-        for key, in_subset in (("overlap_segm", True), ("non_overlap_segm", False)):
-            ignored = {a["id"] for a in gt_anns if overlapping.get(a["id"], False) != in_subset}
-            with _as_crowd(gt, ignored):
-                evaluator, _ = run_cocoeval(gt, coco_dt, "segm", image_ids, all_areas_only=True)
-            record[key] = {
-                **dict(zip(("AP", "AP50", "AP75"), (float(s) for s in evaluator.stats[:3]))),
-                **metrics.detection_prf(gt, dets, "segm", score_thresh, image_ids=image_ids, ignore_ann_ids=ignored),
-                "num_instances": sum(overlapping.get(a["id"], not in_subset) == in_subset for a in gt_anns),
-            }
+        record.update(_overlap_subsets(gt, dets, gt_anns, image_ids, score_thresh, min_overlap_area))
     else:
         record.update({"precision": None, "recall": None, "f1": None, "overlap_segm": None, "non_overlap_segm": None})
     record.update(metrics.count_errors(gt, dets, score_thresh, image_ids))
     return record
+
+
+def _evaluated_images(gt: COCO, dets: Sequence[dict[str, Any]], image_ids: Sequence[int] | None) -> list[int]:
+    """The image ids to evaluate (default: all of ``gt``); ValueError when they or the detections do not fit."""
+    if image_ids is None:
+        return sorted(gt.getImgIds())
+    image_ids = sorted(set(image_ids))
+    missing = set(image_ids) - set(gt.getImgIds())
+    if missing:
+        raise ValueError(f"image id(s) not in the ground truth: {_fmt_ids(missing)}")
+    outside = {d["image_id"] for d in dets} - set(image_ids)
+    if outside:
+        raise ValueError(f"results name image id(s) outside the evaluated images: {_fmt_ids(outside)}")
+    return image_ids
+
+
+def _coco_section(gt: COCO, dets: Sequence[dict[str, Any]], iou_type: str, image_ids: Sequence[int],
+                  score_thresh: float, names: Mapping[int, str]) -> dict[str, Any]:
+    """One IoU type's part of the record: the 12 stats by name, per-class AP50, the summary lines, P / R / F1."""
+    evaluator, lines = run_cocoeval(gt, _results_coco(gt, dets, iou_type), iou_type, image_ids)
+    stats = [float(s) for s in evaluator.stats]
+    return {
+        "stats": stats,
+        **dict(zip(STAT_NAMES, stats)),
+        "per_class_AP50": per_class_ap50(evaluator, names),
+        "summary_lines": lines,
+        **metrics.detection_prf(gt, dets, iou_type, score_thresh, image_ids=image_ids),
+    }
+
+
+def _overlap_subsets(gt: COCO, dets: Sequence[dict[str, Any]], gt_anns: Sequence[dict[str, Any]],
+                     image_ids: Sequence[int], score_thresh: float, min_overlap_area: float) -> dict[str, Any]:
+    """``overlap_segm`` and ``non_overlap_segm``: segm AP / AP50 / AP75, P / R / F1 and the instance count over the
+    ground truth that does / does not overlap another (``overlaps``), the other instances as crowd regions."""
+    overlapping = metrics.overlapping_flags(gt, min_overlap_area)
+    coco_dt = _results_coco(gt, dets, "segm")
+    subsets = {}
+    for key, in_subset in (("overlap_segm", True), ("non_overlap_segm", False)):
+        ignored = {a["id"] for a in gt_anns if overlapping.get(a["id"], False) != in_subset}
+        with _as_crowd(gt, ignored):
+            evaluator, _ = run_cocoeval(gt, coco_dt, "segm", image_ids, all_areas_only=True)
+        subsets[key] = {
+            **dict(zip(("AP", "AP50", "AP75"), (float(s) for s in evaluator.stats[:3]))),
+            **metrics.detection_prf(gt, dets, "segm", score_thresh, image_ids=image_ids, ignore_ann_ids=ignored),
+            "num_instances": sum(overlapping.get(a["id"], not in_subset) == in_subset for a in gt_anns),
+        }
+    return subsets

@@ -14,79 +14,19 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
-from my_dataset_chromosome import ChromosomeDataset, DatasetError, load_label_json
+from errors import DaCSegError, UserError, print_error
+from my_dataset_chromosome import ChromosomeDataset, load_label_json
 from train_utils import stain
-from train_utils.cli import (
-    ArgumentParser,
-    UserError,
-    add_data_args,
-    add_device_args,
-    add_model_check_arg,
-    add_stain_arg,
-    add_threshold_args,
-    check_model_name,
-    print_error,
-)
-from train_utils.engine.checkpoint import (
-    CheckpointError,
-    config_from_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
-)
-from train_utils.engine.loop import collate_fn, predict_results
+from train_utils.cli import check_model_name, parse_validation_args
+from train_utils.engine.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from train_utils.engine.loop import resolve_amp
 from train_utils.evaluation.coco_eval import evaluate_results
+from train_utils.evaluation.score import checkpoint_label_map, evaluate, evaluation_loader
 from train_utils.inference.tta import FlipTTA
+from train_utils.outputs.predictions import IMAGES_JSON
 from train_utils.outputs.record import format_summary, write_record
 
-# written next to predictions.json by predict.py: maps its image ids (input order) to image files
-PREDICT_IMAGES_JSON = "images.json"
-
-
-def get_args_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="validation.py", description="Score a checkpoint, or an existing COCO results file, "
-                            "on a dataset split; writes record_mAP.txt and record_mAP.json.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights-path", metavar="CKPT",
-                        help="checkpoint written by train.py (model_<epoch>.pth or best.pth); the model is rebuilt "
-                             "from it alone")
-    source.add_argument("--results-json", metavar="JSON",
-                        help="score this COCO results file (a list of detections with image_id, category_id, score "
-                             "and bbox and/or segmentation) instead of running a model")
-    add_data_args(parser)
-    parser.add_argument("--split", default="val", metavar="NAME",
-                        help="split to score: annotations/instances_NAME.json (default: %(default)s)")
-    parser.add_argument("--output-dir", default=".", metavar="DIR",
-                        help="where record_mAP.txt and record_mAP.json go (default: the current folder)")
-    add_device_args(parser)
-    add_threshold_args(parser)
-    add_model_check_arg(parser)
-    add_stain_arg(parser)
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time flips: score the merge of each image and its three flips (train_utils.inference.tta)")
-    parser.add_argument("-b", "--batch-size", type=int, default=1, metavar="N",
-                        help="images per inference batch (default: %(default)s)")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="K",
-                        help="classes without background; only checked against the checkpoint and the data")
-    parser.add_argument("--label-json-path", default=None, metavar="JSON",
-                        help='class names {"1": "chromosome", ...}; checked against the data\'s categories')
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and check the flags (errors exit 2 with one line)."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"argument -b/--batch-size: {args.batch_size} must be >= 1")
-    if args.num_classes is not None and args.num_classes < 1:
-        parser.error(f"argument --num-classes: {args.num_classes} must be >= 1 (background not counted)")
-    if args.model is not None and args.results_json is not None:
-        parser.error("argument --model: checks a --weights-path checkpoint; a --results-json file has no model")
-    if args.tta and args.results_json is not None:
-        parser.error("argument --tta: runs a --weights-path model; a --results-json file is scored as it is")
-    return args
 
 
 def check_class_flags(args: argparse.Namespace, dataset: ChromosomeDataset, model_classes: int | None = None) -> None:
@@ -109,7 +49,7 @@ def _predict_image_ids(results_path: Path, dataset: ChromosomeDataset) -> tuple[
 
     Also returns how many predicted images were not in the split.
     """
-    index_path = results_path.parent / PREDICT_IMAGES_JSON
+    index_path = results_path.parent / IMAGES_JSON
     try:
         index = json.loads(index_path.read_text())
         entries = [(int(e["id"]), str(e["file_name"])) for e in index["images"]]
@@ -156,7 +96,7 @@ def load_results(path: str | os.PathLike, dataset: ChromosomeDataset) -> tuple[l
         return results, None
     mapping, outside = found
     if not mapping:
-        raise UserError(f"none of the images listed in {path.parent / PREDICT_IMAGES_JSON} belong to split "
+        raise UserError(f"none of the images listed in {path.parent / IMAGES_JSON} belong to split "
                         f"{dataset.split!r} of {dataset.root}")
     kept = []
     for k, r in enumerate(results):
@@ -165,34 +105,31 @@ def load_results(path: str | os.PathLike, dataset: ChromosomeDataset) -> tuple[l
         if r["image_id"] in mapping:
             kept.append({**r, "image_id": mapping[r["image_id"]]})
     if outside:
-        print(f"note: {outside} image(s) in {path.parent / PREDICT_IMAGES_JSON} are not in split {dataset.split!r}; "
+        print(f"note: {outside} image(s) in {path.parent / IMAGES_JSON} are not in split {dataset.split!r}; "
               f"their detections are left out", file=sys.stderr)
     return kept, sorted(set(mapping.values()))
 
 
 def _checkpoint_record(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the checkpoint's model over the split and evaluate its detections."""
+    """Run the checkpoint's model over the split and evaluate it, through ``train_utils.evaluation.score`` as
+    training does."""
     # everything that can be wrong is checked before the model is built
     dataset = ChromosomeDataset(args.data_path, args.split)
     checkpoint = load_checkpoint(args.weights_path)
     config = config_from_checkpoint(checkpoint, args.weights_path)
     check_model_name(args.model, config, args.weights_path)
     check_class_flags(args, dataset, config.num_classes)
-    label_to_cat_id = {int(k): int(v) for k, v in (checkpoint.get("label_to_cat_id") or dataset.label_to_cat_id).items()}
-    if label_to_cat_id != dataset.label_to_cat_id:
-        raise UserError(f"{args.weights_path} maps its labels to category ids {label_to_cat_id} but split "
-                        f"{args.split!r} of {args.data_path} has {dataset.label_to_cat_id}")
+    label_to_cat_id = checkpoint_label_map(checkpoint, dataset, args.weights_path)
     model, config = model_from_checkpoint(checkpoint, args.weights_path, args.device)
     polarity = stain.checkpoint_polarity(checkpoint, args.weights_path, args.stain)
     stain.match_dataset(dataset, polarity, args.stain)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        collate_fn=collate_fn)
     if args.tta:
         model = FlipTTA(model, score_thresh=float(model.roi_heads.score_thresh), mask_thresh=args.mask_thresh)
-    results, image_ids = predict_results(model, loader, torch.device(args.device), label_to_cat_id,
-                                         mask_threshold=args.mask_thresh, show_progress=True)
-    record = evaluate_results(dataset.coco, results, args.score_thresh, image_ids=image_ids,
-                              min_overlap_area=config.min_overlap_area)
+    device = torch.device(args.device)
+    record = evaluate(model, evaluation_loader(dataset, args.workers, device, args.batch_size), device, dataset.coco,
+                      label_to_cat_id, args.score_thresh, label_names=dataset.label_names,
+                      amp_dtype=resolve_amp(args.amp, args.amp_dtype, device), mask_threshold=args.mask_thresh,
+                      min_overlap_area=config.min_overlap_area, show_progress=True)
     record.update(weights_path=str(args.weights_path), epoch=checkpoint.get("epoch"), model=config.name,
                   stain={"mode": args.stain, "model_polarity": polarity, "inverted": len(dataset.invert_ids)},
                   tta=bool(args.tta))
@@ -228,10 +165,10 @@ def run_validation(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``validation.py``'s entry point: exit 0, or 2 with one ``error: ...`` line for a user error."""
-    args = parse_args(argv)
+    args = parse_validation_args(argv)
     try:
         record, txt_path, json_path = run_validation(args)
-    except (UserError, DatasetError, CheckpointError) as exc:
+    except DaCSegError as exc:
         print_error(exc)
         return 2
     print(format_summary(record))

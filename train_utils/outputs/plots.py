@@ -7,21 +7,24 @@ from typing import Any, Mapping, Sequence
 
 from matplotlib.figure import Figure  # a bare Figure renders with Agg; pyplot (and a display) is never needed
 
+from train_utils.outputs.files import atomic_write
+
 LOSS_AND_LR_PNG = "loss_and_lr.png"
 MAP_PNG = "mAP.png"
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def plot_loss_and_lr(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Mean training loss per epoch (total bold, each term thin) and the learning rate on a second axis."""
+    """``loss_and_lr_figure`` saved as a PNG."""
+    return _save(loss_and_lr_figure(records), path)
+
+
+def loss_and_lr_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
+    """Mean training loss per epoch (total bold, each term thin; a log axis when every value is positive) and the
+    learning rate on a second axis."""
     records = sorted((r for r in records if r.get("loss") is not None), key=lambda r: r["epoch"])
     epochs = [r["epoch"] for r in records]
     fig = Figure(figsize=(8, 5))
@@ -46,11 +49,16 @@ def plot_loss_and_lr(records: Sequence[Mapping[str, Any]], path: str | os.PathLi
     if epochs:
         ax.set_xticks(_epoch_ticks(epochs))
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_map(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """COCO AP and AP50 per evaluated epoch, for boxes and masks."""
+    """``map_figure`` saved as a PNG."""
+    return _save(map_figure(records), path)
+
+
+def map_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
+    """COCO AP and AP50 per evaluated epoch, for boxes and masks ("no evaluation yet" without any)."""
     records = sorted((r for r in records if isinstance(r.get("bbox"), Mapping)), key=lambda r: r["epoch"])
     epochs = [r["epoch"] for r in records]
     fig = Figure(figsize=(8, 5))
@@ -74,7 +82,7 @@ def plot_map(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> P
     if epochs:
         ax.set_xticks(_epoch_ticks(epochs))
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _epoch_ticks(epochs: Sequence[int], most: int = 15) -> list[int]:

@@ -1,11 +1,32 @@
-"""Model outputs to COCO results entries (the format of ``predictions.json`` and of COCO evaluation)."""
+"""``predictions.json`` and ``images.json``, the files ``predict.py`` writes for programs to read, and the COCO
+results entries that evaluation scores.
+
+- ``predictions.json``: a COCO results list (what ``COCO.loadRes`` and ``validation.py --results-json`` read), one
+  detection per line: ``image_id``, ``category_id``, ``bbox`` (xywh), ``score``, ``segmentation`` (compressed RLE,
+  ``counts`` as a string) and, for DaCSeg, ``overlap_score``.
+- ``images.json``: maps each ``image_id`` back to its file, as COCO ``images`` / ``categories`` sections:
+  ``{"images": [{"id", "file_name", "width", "height", "stem", "num_detections", "num_overlapping",
+  "inference_ms", "polarity", "inverted"}], "categories": [{"id", "name"}], "failed": [{"id", "file_name",
+  "error"}]}``; ``file_name`` is the image's absolute path, ``polarity`` its stain polarity (``bright-on-dark`` or
+  ``dark-on-bright``) and ``inverted`` whether the model saw it inverted (``--stain``).
+
+Both are complete JSON after every image, so a run that is stopped keeps what it did.
+"""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+
+from train_utils.outputs.files import json_lines, json_list_text, write_text_atomic
+
+PREDICTIONS_JSON = "predictions.json"
+IMAGES_JSON = "images.json"
 
 
 def outputs_to_coco_results(
@@ -53,3 +74,55 @@ def outputs_to_coco_results(
                 entry["overlap_score"] = round(float(overlap[k]), 5)
             results.append(entry)
     return results
+
+
+class PredictionsWriter:
+    """``predictions.json`` written as it grows: a JSON list, one COCO result object per line, closed after every
+    ``add``, so a crash or a kill keeps every image already predicted."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.file = open(path, "wb")
+        self.body_end, self.count = 1, 0  # the closing "]" starts after the "["
+        self.file.write(b"[]\n")
+        self.file.flush()
+
+    def add(self, results: Sequence[Mapping[str, Any]]) -> None:
+        if not results:
+            return
+        self.file.seek(self.body_end)
+        self.file.write((",\n" if self.count else "\n").encode() + json_lines(results).encode())
+        self.body_end, self.count = self.file.tell(), self.count + len(results)
+        self.file.write(b"\n]\n")
+        self.file.truncate()
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_predictions(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """``predictions.json`` in one go (the format of ``PredictionsWriter``)."""
+    Path(path).write_text(json_list_text(results))
+
+
+class ImagesIndex:
+    """``images.json``, rewritten atomically whenever an image is added or fails."""
+
+    def __init__(self, path: str | os.PathLike, label_names: Mapping[int, str], label_to_cat_id: Mapping[int, int]):
+        self.path = Path(path)
+        self.categories = [{"id": int(label_to_cat_id[k]), "name": label_names[k]} for k in sorted(label_names)]
+        self.images: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+        self.write()
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.images.append(entry)
+        self.write()
+
+    def fail(self, image_id: int, path: Path, error: str) -> None:
+        self.failed.append({"id": image_id, "file_name": str(path.resolve()), "error": error})
+        self.write()
+
+    def write(self) -> None:
+        index = {"images": self.images, "categories": self.categories, "failed": self.failed}
+        write_text_atomic(self.path, json.dumps(index, indent=1) + "\n")

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from train_utils.outputs.files import write_text_atomic
+
 TXT_NAME = "record_mAP.txt"
 JSON_NAME = "record_mAP.json"
 _LABEL_WIDTH = 32
@@ -90,6 +92,6 @@ def write_record(record: Mapping[str, Any], output_dir: str | os.PathLike) -> tu
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     txt_path, json_path = output_dir / TXT_NAME, output_dir / JSON_NAME
-    txt_path.write_text(format_record(record))
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(txt_path, format_record(record))
+    write_text_atomic(json_path, json.dumps(record, indent=2) + "\n")
     return txt_path, json_path

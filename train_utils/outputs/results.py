@@ -18,34 +18,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from train_utils.outputs.files import write_text_atomic
+
 DET_RESULTS = "det_results.txt"
 SEG_RESULTS = "seg_results.txt"
 METRICS_JSONL = "metrics.jsonl"
 _EPOCH = re.compile(r"^epoch:(\d+) ")
-
-
-def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
-    """Create ``path`` if need be and check that files can be written in it; raises ``OSError`` with one line
-    naming the flag and the folder (a file in the way, no permission, a read-only disk)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{flag} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OSError(f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
-    return path
-
-
-def remove_unfinished_writes(output_dir: Path) -> list[Path]:
-    """Delete the ``*.tmp`` files an interrupted atomic write left behind (the finished files are intact)."""
-    removed = sorted(output_dir.glob("*.pth.tmp"))
-    for path in removed:
-        path.unlink()
-    return removed
 
 
 def format_epoch_line(epoch: int, stats12: Sequence[float], mean_loss: float, lr: float) -> str:
@@ -65,13 +43,6 @@ def parse_epoch_line(line: str) -> tuple[int, list[float]]:
     return int(match.group(1)), [float(v) for v in line[match.end():].split("  ")]
 
 
-def replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a crash leaves the old file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _upsert_line(path: str | os.PathLike, line: str, same: Any) -> None:
     """Append ``line`` to ``path``, or put it in place of the first existing line for which ``same(line)`` holds."""
     path = Path(path)
@@ -81,7 +52,7 @@ def _upsert_line(path: str | os.PathLike, line: str, same: Any) -> None:
         if same(old):
             lines[i] = line
             lines = lines[: i + 1] + [old for old in lines[i + 1:] if not same(old)]
-            replace_file(path, "\n".join(lines) + "\n")
+            write_text_atomic(path, "\n".join(lines) + "\n")
             return
     with path.open("a") as f:
         if lines and not path.read_text().endswith("\n"):  # a hand-edited file may lack its last newline

@@ -64,9 +64,7 @@ def draw_instances(
             raise ValueError(f"draw_instances: {num} masks but {len(value)} {name}")
 
     scale = math.ceil(min_side / max(height, width)) if max(height, width) < min_side else 1
-    if scale > 1:
-        canvas = canvas.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-        masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    canvas, masks = _enlarged(canvas, scale), _enlarged(masks, scale)
     long_side = max(height, width) * scale
     line_width = max(1, round(long_side / 700))
     font_size = min(20, max(10, round(long_side / 70)))
@@ -83,21 +81,27 @@ def draw_instances(
         ring = overlap_outline(masks[overlapping.detach().cpu().bool()], radius=line_width + 1)
         canvas = draw_segmentation_masks(canvas, ring, alpha=1.0, colors=OVERLAP_COLOR)
     if num and (boxes is not None or captions is not None):
-        canvas = draw_bounding_boxes(
-            canvas,
-            placement,
-            labels=list(captions) if captions is not None else None,
-            colors=colors,
-            width=line_width if boxes is not None else 0,  # width 0: captions only, no rectangle
-            font=str(FONT_PATH) if FONT_PATH.is_file() else None,
-            font_size=font_size if FONT_PATH.is_file() else None,
-            fill_labels=True,
-            label_colors=[_text_color(c) for c in colors],
-        )
+        canvas = _boxes_and_captions(canvas, placement, captions, colors, line_width if boxes is not None else 0,
+                                     font_size)
     picture = to_pil_image(canvas)
     if title is not None:
         picture = _add_title(picture, title, font_size, show_legend=overlapping is not None and bool(overlapping.any()))
     return picture
+
+
+def _enlarged(pixels: torch.Tensor, scale: int) -> torch.Tensor:
+    """``[C, H, W]`` pixels repeated ``scale`` times along both image axes (nearest neighbour)."""
+    return pixels if scale == 1 else pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+def _boxes_and_captions(canvas: torch.Tensor, boxes: torch.Tensor, captions: Sequence[str] | None,
+                        colors: list[tuple[int, int, int]], line_width: int, font_size: int) -> torch.Tensor:
+    """Boxes (none when ``line_width`` is 0) and captions on filled labels in each instance's colour."""
+    return draw_bounding_boxes(
+        canvas, boxes, labels=list(captions) if captions is not None else None, colors=colors, width=line_width,
+        font=str(FONT_PATH) if FONT_PATH.is_file() else None, font_size=font_size if FONT_PATH.is_file() else None,
+        fill_labels=True, label_colors=[_text_color(c) for c in colors],
+    )
 
 
 def instance_colors(boxes: torch.Tensor, margin: float = 10.0) -> list[tuple[int, int, int]]:

@@ -1,10 +1,13 @@
-"""The shared argument parser: reference defaults, real switches, one-line errors, the model config it describes."""
+"""train_utils.cli: every script's parser (reference defaults, real switches, one-line errors, ranges checked), the
+model config the flags describe, and INPUT expansion."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from network_files.config import ModelConfig
 from train_utils.cli import (
@@ -13,6 +16,7 @@ from train_utils.cli import (
     add_data_args,
     add_device_args,
     add_threshold_args,
+    expand_inputs,
     get_args_parser,
     model_config_from_args,
     parse_args,
@@ -132,3 +136,70 @@ def test_shared_pieces_for_validation_and_predict(capsys):
         parser.parse_args([])
     assert capsys.readouterr().err.splitlines() == [
         "validation.py: error: the following arguments are required: --data-path"]
+
+
+def touch_image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 6), 100).save(path, format="PNG")
+    return path
+
+
+def test_expand_a_file_a_folder_and_a_glob(tmp_path):
+    single = touch_image(tmp_path / "one" / "cell.tif")
+    folder = tmp_path / "many"
+    b, a = touch_image(folder / "b.png"), touch_image(folder / "a.JPG")
+    (folder / "notes.txt").write_text("not an image")
+    touch_image(folder / ".hidden.png")
+    (folder / "sub").mkdir()
+    touch_image(folder / "sub" / "deep.png")
+    found = expand_inputs([single, str(folder), str(tmp_path / "**" / "deep.png")])
+    assert found == [single, a, b, folder / "sub" / "deep.png"]  # folders sorted, not recursive; glob recursive
+
+
+def test_expand_drops_duplicates_and_keeps_a_named_file_of_any_suffix(tmp_path):
+    image = touch_image(tmp_path / "x.png")
+    odd = touch_image(tmp_path / "scan.data")
+    assert expand_inputs([str(image), str(tmp_path), str(tmp_path / "*.png"), str(odd)]) == [image, odd]
+
+
+def test_expand_errors_name_the_culprit(tmp_path):
+    with pytest.raises(UserError, match=r"'.*missing\.png' matches no file or folder"):
+        expand_inputs([str(tmp_path / "missing.png")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    with pytest.raises(UserError, match=r"folder .*empty holds no images"):
+        expand_inputs([empty])
+    with pytest.raises(UserError, match=r"matches 1 path\(s\) but no images"):
+        expand_inputs([str(empty / "*.md")])
+
+
+SCRIPTS = ["train.py", "train_multi_GPU.py", "validation.py", "predict.py", "tools/labelme2coco.py",
+           "tools/xml2coco.py", "tools/synth_metaphase.py", "tools/show_dataset.py", "bench/bench_accuracy.py",
+           "bench/bench_train.py", "bench/bench_synth.py"]
+
+
+def _script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / script
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    for name in ("get_args_parser", "get_validation_parser", "get_predict_parser"):
+        if hasattr(module, name):
+            return getattr(module, name)()
+    raise AssertionError(f"{script} has no parser function")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_parser_is_built_from_cli(script, monkeypatch):
+    """One parser module: every script's parser is ``cli.ArgumentParser`` (one-line errors), and no option takes a
+    bare int, float or bool, so every number is range-checked by ``number_arg`` and every switch is a real one."""
+    parser = _script_parser(script, monkeypatch)
+    assert isinstance(parser, ArgumentParser), script
+    bare = [action.option_strings or [action.dest] for action in parser._actions
+            if action.type in (int, float, bool)]
+    assert bare == [], f"{script}: {bare} take a bare type"

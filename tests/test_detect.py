@@ -1,0 +1,86 @@
+"""inference.detect: the one inference path, bounded mask pasting, and model preparation."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from errors import UserError
+from network_files.config import ModelConfig
+from train_utils.inference.detect import detect, paste_detections, prepare_model
+
+H, W = 48, 64
+
+
+def first(output: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    return {k: v[:count] for k, v in output.items()}
+
+
+def roi_output(overlap: bool = False) -> dict[str, torch.Tensor]:
+    """Five detections as the RoI heads return them: boxes at image size, ``[N, 1, 28, 28]`` mask probabilities."""
+    torch.manual_seed(0)
+    out = {
+        "boxes": torch.tensor([[5.0, 20, 39, 25], [18, 5, 23, 44], [50, 10, 55, 39], [0, 0, 63, 47], [30, 30, 31, 31]]),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]),
+        "labels": torch.ones(5, dtype=torch.int64),
+        "masks": torch.rand(5, 1, 28, 28),
+    }
+    if overlap:
+        for key in ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge"):
+            out[key] = torch.rand(5, 1, 28, 28)
+    return out
+
+
+@pytest.mark.parametrize("paste_bytes", [1, 2 * 4 * H * W, 10**9])  # one mask, two masks, all at once
+def test_pasting_in_pieces_gives_torchvisions_masks_as_bool(paste_bytes):
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    rois = roi_output(overlap=True)
+    out = paste_detections(rois, (H, W), mask_thresh=0.5, paste_bytes=paste_bytes)
+    full = paste_masks_in_image(rois["masks"], rois["boxes"], (H, W))
+    assert out["masks"].dtype == torch.bool and out["masks"].shape == (5, 1, H, W)
+    assert torch.equal(out["masks"], full > 0.5)
+    edge = paste_masks_in_image(rois["overlap_edge"], rois["boxes"], (H, W))[:, 0].amax(dim=0)
+    assert out["overlap_edge"].shape == (H, W) and torch.allclose(out["overlap_edge"], edge)
+    none = paste_detections(first(rois, 0), (H, W), paste_bytes=paste_bytes)
+    assert none["masks"].shape == (0, 1, H, W) and not none["overlap_mask"].any()
+
+
+@pytest.mark.parametrize("name", ["maskrcnn", "dacseg"])
+def test_detect_matches_the_models_own_forward(name):
+    from network_files import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(name=name, min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn",
+                         box_detections_per_img=5, overlap_cls_head="conv")
+    model = build_model(config).eval()
+    prepare_model(model, config, score_thresh=0.0)
+    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    with torch.no_grad():
+        expected = model(images)
+    outputs = detect(model, images, mask_thresh=0.5, paste_bytes=1)
+    for output, want in zip(outputs, expected):
+        assert len(output["scores"]) == 5
+        assert torch.allclose(output["boxes"], want["boxes"]) and torch.equal(output["labels"], want["labels"])
+        assert torch.equal(output["masks"], want["masks"] > 0.5)
+        if name == "dacseg":
+            assert torch.allclose(output["overlap_scores"], want["overlap_scores"])
+
+
+def test_detect_calls_other_models_as_they_are_and_thresholds_their_masks():
+    masks = torch.tensor([[[[0.2, 0.7], [0.5, 0.9]]]])
+    stand_in = lambda images: [{"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "masks": masks.clone()}]  # noqa: E731
+    output = detect(stand_in, [torch.zeros(3, 2, 2)], mask_thresh=0.5)[0]
+    assert output["masks"].tolist() == [[[[False, True], [False, True]]]]
+
+
+def test_prepare_model_sets_the_score_threshold_and_asks_for_maps():
+    model = SimpleNamespace(roi_heads=SimpleNamespace(score_thresh=0.05, return_overlap_maps=False))
+    prepare_model(model, ModelConfig(name="dacseg"), score_thresh=0.01, overlap_maps=True)
+    assert model.roi_heads.score_thresh == 0.01 and model.roi_heads.return_overlap_maps
+    prepare_model(model, ModelConfig(name="dacseg"), score_thresh=0.5)
+    # raised too: detections below the threshold are dropped before their masks are pasted at full size
+    assert model.roi_heads.score_thresh == 0.5 and not model.roi_heads.return_overlap_maps
+    with pytest.raises(UserError, match="DaCSeg"):
+        prepare_model(model, ModelConfig(name="maskrcnn"), score_thresh=0.5, overlap_maps=True)
