@@ -11,14 +11,14 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from backbone.weights import LoadReport, WeightsError, load_state_dict_report, read_state_dict
 
-BACKBONES: dict[str, Callable[..., resnet.ResNet]] = {
+BACKBONE_BUILDERS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
     "resnet101": resnet.resnet101,
     "resnext101_32x8d": resnet.resnext101_32x8d,
 }
-NORM_LAYERS: dict[str, Callable[..., nn.Module]] = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}
+NORM_LAYER_CLASSES: dict[str, Callable[..., nn.Module]] = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}
 # the ImageNet classifier: a plain ResNet state dict has it, the detector never uses it
 _CLASSIFIER = ("fc.",)
 
@@ -46,13 +46,13 @@ def resnet_fpn_backbone(
     last one back (5: all). ``weights_path`` is a local ResNet state dict or a torchvision weights name such as
     ``ResNet50_Weights.IMAGENET1K_V1``; the load report is printed.
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if norm_layer not in NORM_LAYERS:
-        raise ValueError(f"unknown norm layer {norm_layer!r}; choose one of {', '.join(NORM_LAYERS)}")
+    if name not in BACKBONE_BUILDERS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_BUILDERS)}")
+    if norm_layer not in NORM_LAYER_CLASSES:
+        raise ValueError(f"unknown norm layer {norm_layer!r}; choose one of {', '.join(NORM_LAYER_CLASSES)}")
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
-    body = BACKBONES[name](weights=None, norm_layer=NORM_LAYERS[norm_layer])
+    body = BACKBONE_BUILDERS[name](weights=None, norm_layer=NORM_LAYER_CLASSES[norm_layer])
     if weights_path is not None:
         report = load_backbone_weights(body, weights_path, name)
         print(f"{name} backbone weights:\n{report}")

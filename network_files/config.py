@@ -5,11 +5,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from backbone.resnet_fpn import BACKBONE_BUILDERS, NORM_LAYER_CLASSES
 from overlaps import MIN_OVERLAP_AREA
 
 MODEL_NAMES = ("maskrcnn", "dacseg")
-BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d")
-NORM_LAYERS = ("bn", "frozen_bn")
+BACKBONE_NAMES = tuple(BACKBONE_BUILDERS)  # the names backbone/ can build
+NORM_LAYERS = tuple(NORM_LAYER_CLASSES)
 OVERLAP_CLS_HEADS = ("fc", "conv")
 MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 DACSEG_LOSS_NAMES = (
