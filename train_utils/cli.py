@@ -403,7 +403,8 @@ def get_predict_parser() -> ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders of images, or quoted globs (e.g. 'data/**/*.tif')")
     parser.add_argument("--weights-path", required=True, metavar="CKPT",
-                        help="checkpoint written by train.py (model_<epoch>.pth or best.pth)")
+                        help="checkpoint written by train.py (model_<epoch>.pth or best.pth), or a model.onnx "
+                             "written by tools/export.py (run with onnxruntime on the CPU)")
     parser.add_argument("--output-dir", default="predictions", metavar="DIR",
                         help="where the pictures and JSON files go (default: %(default)s)")
     parser.add_argument("--label-json-path", default=None, metavar="JSON",
@@ -415,6 +416,8 @@ def get_predict_parser() -> ArgumentParser:
     parser.add_argument("--tta", action="store_true",
                         help="test-time flips: predict the image and its three flips and merge them by mask matching "
                              "(about 4x the time)")
+    parser.add_argument("--threads", type=number_arg(int, low=1), default=None, metavar="N",
+                        help="CPU threads for inference (default: the library's, one per core)")
     add_crop_args(parser)
     add_device_args(parser)
     add_threshold_args(parser)

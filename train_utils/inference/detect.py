@@ -24,9 +24,10 @@ def prepare_model(model: torch.nn.Module, config: ModelConfig, score_thresh: flo
     pasted at full size) and, for DaCSeg, the auxiliary maps when asked."""
     if overlap_maps and config.name != "dacseg":
         raise UserError(f"overlap maps need a DaCSeg checkpoint; this one holds a {config.name} model")
-    model.roi_heads.score_thresh = float(score_thresh)
-    if config.name == "dacseg":
-        model.roi_heads.return_overlap_maps = overlap_maps
+    heads = getattr(model, "roi_heads", model)  # an exported model (inference.exported) filters by itself
+    heads.score_thresh = float(score_thresh)
+    if config.name == "dacseg" and hasattr(heads, "return_overlap_maps"):
+        heads.return_overlap_maps = overlap_maps
 
 
 @torch.inference_mode()

@@ -40,6 +40,7 @@ from train_utils import stain
 from train_utils.cli import check_model_name, expand_inputs
 from train_utils.engine.checkpoint import load_model_from_checkpoint
 from train_utils.inference.detect import detect, prepare_model
+from train_utils.inference.exported import load_onnx_model
 from train_utils.inference.tta import FlipTTA
 from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
 from train_utils.outputs.files import json_list_text, prepare_output_dir, write_text_atomic
@@ -260,7 +261,14 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     """``predict.py``'s job for parsed flags (``train_utils.cli.parse_predict_args``): returns the summary and the
     number of inputs. Raises ``DaCSegError`` (one line) for what a user can fix, before anything is written."""
     paths = expand_inputs(args.inputs)
-    model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if str(args.weights_path).lower().endswith(".onnx"):
+        if args.save_overlap_maps:
+            raise UserError(f"--save-overlap-maps: {args.weights_path} is an exported model, which returns no maps")
+        model, config, checkpoint = load_onnx_model(args.weights_path, args.threads)
+    else:
+        model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
     check_model_name(args.model, config, args.weights_path)
     label_names, label_to_cat_id = label_maps(checkpoint, config, args.label_json_path)
     if args.save_overlap_maps and config.name != "dacseg":

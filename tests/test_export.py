@@ -1,0 +1,77 @@
+"""tools/export.py: both models to ONNX with a dynamic image size, checked against PyTorch, and run by predict.py;
+what cannot be exported is one line. Skipped when onnx / onnxruntime are not installed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from network_files import ModelConfig, build_model
+from tools import export
+from train_utils.engine.checkpoint import save_checkpoint
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def make_checkpoint(path: Path, name: str) -> Path:
+    torch.manual_seed(0)
+    config = ModelConfig(name=name, backbone="resnet18", min_size=128, max_size=160, trainable_layers=0,
+                         norm_layer="frozen_bn", box_detections_per_img=8, overlap_cls_head="conv")
+    save_checkpoint({"model": build_model(config).state_dict(), "model_config": config.to_dict(), "epoch": 3,
+                     "label_names": {1: "chromosome"}, "label_to_cat_id": {1: 5},
+                     "stain": {"polarity": "bright-on-dark", "train_counts": None}}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["maskrcnn", "dacseg"])
+def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, capsys):
+    import predict
+    from train_utils.inference.exported import load_onnx_model
+
+    checkpoint = make_checkpoint(tmp_path / f"{name}.pth", name)
+    onnx_file = tmp_path / f"{name}.onnx"
+    image = tiny_coco / "images" / "val_001.png"
+    assert export.main(["--weights-path", str(checkpoint), "--out", str(onnx_file), "--check-image", str(image)]) == 0
+    printed = capsys.readouterr().out
+    assert "checked on the check image: 8 detections" in printed and "checked on 640x448" in printed
+    _, config, info = load_onnx_model(onnx_file)
+    assert config.name == name and info["label_to_cat_id"] == {"1": 5} and info["stain"]["polarity"] == "bright-on-dark"
+
+    outputs = {}
+    for weights in (checkpoint, onnx_file):
+        out = tmp_path / f"pred_{weights.suffix[1:]}"
+        assert predict.main(["--weights-path", str(weights), str(image), "--output-dir", str(out), "--device", "cpu",
+                             "--score-thresh", "0"]) == 0
+        outputs[weights.suffix] = json.loads((out / "predictions.json").read_text())
+    exported, reference = outputs[".onnx"], outputs[".pth"]
+    assert len(exported) == len(reference) == 8 and {r["category_id"] for r in exported} == {5}
+    for a, b in zip(exported, reference):
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=0.05) and a["score"] == pytest.approx(b["score"], abs=1e-3)
+        assert ("overlap_score" in a) == (name == "dacseg")
+
+
+def test_what_cannot_be_exported_is_one_line(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "m.pth", "maskrcnn")
+    code = export.main(["--weights-path", str(checkpoint), "--format", "torch-export", "--out", str(tmp_path / "m.pt2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    if code == 0:  # a torch that captures torchvision's detection code: the check passed
+        assert (tmp_path / "m.pt2").is_file()
+    else:
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: torch.export cannot capture the maskrcnn"), err
+    assert export.main(["--weights-path", str(tmp_path / "none.pth"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'none.pth'}"]
+
+
+def test_predict_refuses_overlap_maps_from_an_exported_model(tiny_coco, tmp_path, capsys):
+    import predict
+
+    onnx_file = tmp_path / "d.onnx"
+    assert export.main(["--weights-path", str(make_checkpoint(tmp_path / "d.pth", "dacseg")), "--out",
+                        str(onnx_file)]) == 0
+    capsys.readouterr()
+    assert predict.main(["--weights-path", str(onnx_file), str(tiny_coco / "images" / "val_001.png"),
+                         "--output-dir", str(tmp_path / "p"), "--save-overlap-maps"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --save-overlap-maps: ")

@@ -1,0 +1,160 @@
+"""Export a trained checkpoint (Mask R-CNN or DaCSeg) for inference without this repository's model code.
+
+    python tools/export.py --weights-path runs/dacseg/best.pth --format onnx --out dacseg.onnx
+    python tools/export.py --weights-path best.pth --format onnx --out m.onnx --check-image slide.tif
+
+``onnx``: an ONNX graph for onnxruntime (``pip install onnx onnxruntime``) with a dynamic image size; its metadata
+holds the label names and stain polarity, so ``predict.py --weights-path m.onnx`` runs it like a checkpoint (see
+``train_utils/inference/exported.py`` for the inputs and outputs). ``torch-export``: a ``torch.export`` program
+(``.pt2``), where torch and torchvision can capture the model.
+
+Every export is checked at once: the exported model and the PyTorch model run on a real-size image (``--check-image``,
+or a synthetic metaphase spread of 768x576) and on a second size, and must agree within the stated tolerance:
+the same detections, boxes within ``BOX_TOLERANCE_PX``, scores within ``SCORE_TOLERANCE``, mask probabilities
+within ``MASK_TOLERANCE``. Exit status 0 when exported and checked, 2 with one line otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from errors import DaCSegError, UserError, one_line, print_error  # noqa: E402
+from my_dataset_chromosome import read_image  # noqa: E402
+from network_files.config import ModelConfig  # noqa: E402
+from tools.synth_metaphase import SynthConfig, image_seed, render_metaphase  # noqa: E402
+from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
+from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
+from train_utils.inference.exported import export_onnx, load_onnx_model  # noqa: E402
+
+FORMATS = ("onnx", "torch-export")
+BOX_TOLERANCE_PX = 0.05
+SCORE_TOLERANCE = 1e-3
+MASK_TOLERANCE = 1e-2  # mask probability; the 0.5-thresholded masks then agree but for a pixel or so per edge
+SECOND_SIZE = (448, 640)  # the check's second image size (height, width): the export must not be tied to one
+
+
+def check_image(path: str | None) -> torch.Tensor:
+    """The image the check runs on: ``path``, or a synthetic 768x576 Q-band spread."""
+    if path is not None:
+        return read_image(path)
+    grey, _ = render_metaphase(image_seed(0, "export", 0), SynthConfig())
+    return torch.from_numpy(grey).float().div(255).expand(3, -1, -1).contiguous()
+
+
+def compare(reference: dict[str, torch.Tensor], exported: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The largest differences between two outputs of the same image; UserError when the detections differ."""
+    if len(reference["scores"]) != len(exported["scores"]):
+        raise UserError(f"the exported model finds {len(exported['scores'])} detections where PyTorch finds "
+                        f"{len(reference['scores'])}")
+    differences = {"detections": float(len(reference["scores"]))}
+    for key in ("boxes", "scores", "masks", "overlap_scores"):
+        if key in reference:
+            diff = (reference[key].float() - exported[key].float()).abs()
+            differences[key] = float(diff.max()) if diff.numel() else 0.0
+    return differences
+
+
+def check_export(model: torch.nn.Module, run_exported: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                 image: torch.Tensor) -> list[dict[str, float]]:
+    """Run both models on ``image`` and on it resized to ``SECOND_SIZE``; UserError beyond the tolerances."""
+    second = torch.nn.functional.interpolate(image[None], size=SECOND_SIZE, mode="bilinear")[0]
+    found = []
+    for picture in (image, second):
+        with torch.inference_mode():
+            reference = model([picture])[0]
+        differences = compare(reference, run_exported(picture))
+        for key, tolerance in (("boxes", BOX_TOLERANCE_PX), ("scores", SCORE_TOLERANCE), ("masks", MASK_TOLERANCE),
+                               ("overlap_scores", SCORE_TOLERANCE)):
+            if differences.get(key, 0.0) > tolerance:
+                raise UserError(f"the exported model's {key} differ from PyTorch's by {differences[key]:.3g} on a "
+                                f"{picture.shape[-1]}x{picture.shape[-2]} image (tolerance {tolerance:g})")
+        found.append(differences)
+    return found
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """Swallow torch's log records and whatever is written to stderr (``sys.stderr`` and file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    logging.disable(logging.CRITICAL)
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stderr(io.StringIO()):
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            logging.disable(logging.NOTSET)
+
+
+def export_torch(model: torch.nn.Module, config: ModelConfig, example: torch.Tensor, out: Path) -> Callable:
+    """``torch.export`` with a dynamic image size, saved to ``out``; returns the loaded program's runner."""
+    height = torch.export.Dim("height", min=32, max=8192)
+    width = torch.export.Dim("width", min=32, max=8192)
+    try:
+        with warnings.catch_warnings(), _stderr_muted():  # a failed capture logs the whole graph
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, ([example],), dynamic_shapes=([{1: height, 2: width}],), strict=False)
+    except Exception as exc:  # torch.export raises its own kinds, with pages of graph; the first line says why
+        reason = one_line(str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+        raise UserError(f"torch.export cannot capture the {config.name} model: {reason[:300]} (torchvision's detection "
+                        "post-processing branches on data-dependent sizes); use --format onnx") from None
+    torch.export.save(program, str(out))
+    loaded = torch.export.load(str(out)).module()
+    return lambda image: loaded([image])[0]
+
+
+def export(weights_path: str, fmt: str, out: Path, image_path: str | None = None, opset: int = 17
+           ) -> list[dict[str, float]]:
+    """Export the checkpoint's model to ``out`` and check it (see the module docstring); returns the differences."""
+    model, config, checkpoint = load_model_from_checkpoint(weights_path, "cpu")
+    image = check_image(image_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        export_onnx(model, config, checkpoint, image, out, opset)
+        detector, _, _ = load_onnx_model(out)
+        detector.score_thresh = float(model.roi_heads.score_thresh)
+        run_exported: Callable[[torch.Tensor], Any] = lambda picture: detector([picture])[0]  # noqa: E731
+    else:
+        run_exported = export_torch(model, config, image, out)
+    return check_export(model, run_exported, image)
+
+
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights-path", required=True, metavar="CKPT", help="checkpoint written by train.py")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="what to export to (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the exported model's file")
+    parser.add_argument("--check-image", default=None, metavar="IMAGE",
+                        help="image the export is checked on (default: a synthetic 768x576 spread)")
+    parser.add_argument("--opset", type=number_arg(int, low=11), default=17, help="ONNX opset (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        checks = export(args.weights_path, args.format, Path(args.out), args.check_image, args.opset)
+    except (DaCSegError, ImportError) as exc:
+        print_error(exc if not isinstance(exc, ImportError) else f"{exc.name} is needed: pip install onnx onnxruntime")
+        return 2
+    for check, size in zip(checks, ("the check image", f"{SECOND_SIZE[1]}x{SECOND_SIZE[0]}")):
+        details = ", ".join(f"{k} {v:.2g}" for k, v in check.items() if k != "detections")
+        print(f"checked on {size}: {int(check['detections'])} detections, largest differences {details}")
+    print(f"exported to {args.out} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
