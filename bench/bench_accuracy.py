@@ -45,6 +45,7 @@ from train_utils.engine import loop, schedule  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
 from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
+from train_utils.engine.checkpoint import save_checkpoint  # noqa: E402
 from train_utils.engine.setup import seed_everything  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
@@ -178,7 +179,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.device, workers: int) -> Outcome:
+def save_trained(model: torch.nn.Module, name: str, seed: int, steps: int, preset: Preset, dataset: ChromosomeDataset,
+                 save_dir: Path) -> Path:
+    """The trained model as a checkpoint ``validation.py``, ``predict.py`` and ``bench_infer.py`` read (stock's
+    modules are our ``maskrcnn``'s, so it is saved as one)."""
+    config = ModelConfig(name="maskrcnn" if name == "stock" else name, num_classes=dataset.num_classes,
+                         min_size=preset.min_size, max_size=preset.max_size, rois_per_image=preset.rois_per_image,
+                         overlap_cls_head=preset.overlap_cls_head)
+    path = save_dir / f"{name}_seed{seed}.pth"
+    save_checkpoint({"model": model.state_dict(), "model_config": resolve_config(config, False).to_dict(),
+                     "epoch": steps, "label_names": dataset.label_names, "label_to_cat_id": dataset.label_to_cat_id,
+                     "stain": {"polarity": "bright-on-dark", "train_counts": None}}, path)
+    return path
+
+
+def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.device, workers: int,
+            save_dir: Path | None = None) -> Outcome:
     wall = time.perf_counter()
     train_ds = ChromosomeDataset(data, "train", transforms=get_transform("flip", train=True,
                                                                           crop_size=preset.crop_size))
@@ -188,6 +204,8 @@ def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.devi
     seed_everything(seed, 0, 0)
     model = make_model(name, preset, val_ds.num_classes).to(device)
     steps, train_s, rate = train_model(model, preset, train_ds, device, seed, workers)
+    if save_dir is not None:
+        save_trained(model, name, seed, steps, preset, val_ds, save_dir)
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=loop.collate_fn)
     amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
     record = score.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
@@ -264,6 +282,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=2, help="data-loading processes (default: 2)")
     parser.add_argument("--out", type=Path, default=None, help="also write the outcomes as JSON here")
+    parser.add_argument("--save-dir", type=Path, default=None,
+                        help="also save each trained model here as <model>_seed<seed>.pth (a train.py checkpoint)")
     return parser
 
 
@@ -287,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(args.data_path, Path(work))
         for seed in args.seeds:
             for name in args.models:
-                outcome = run_one(name, seed, preset, data, device, args.workers)
+                outcome = run_one(name, seed, preset, data, device, args.workers, args.save_dir)
                 outcomes.append(outcome)
                 print(f"{name} seed {seed}: {outcome.steps} steps in {outcome.train_s:.0f} s, "
                       + "  ".join(f"{h} {v:.3f}" for (h, _), v in zip(COLUMNS, values(outcome))), flush=True)

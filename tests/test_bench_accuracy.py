@@ -61,3 +61,19 @@ def test_crops_keep_whole_masks_and_tight_boxes(tiny_coco):
 def test_prepare_data_refuses_a_folder_without_splits(tmp_path):
     with pytest.raises(SystemExit, match="need train/ and val/"):
         bench.prepare_data(tmp_path, tmp_path / "work")
+
+
+@pytest.mark.parametrize("name", ["stock", "dacseg"])
+def test_trained_models_are_saved_as_checkpoints_predict_can_read(name, tiny_coco, tmp_path):
+    from train_utils.engine.checkpoint import load_model_from_checkpoint
+
+    preset = bench.Preset(batch_size=1, lr=0.01, budget_iters=1, budget_s=None, warmup_iters=1, min_size=128,
+                          max_size=160, rois_per_image=16)
+    val = ChromosomeDataset(tiny_coco, "val")
+    torch.manual_seed(0)
+    model = bench.make_model(name, preset, val.num_classes)
+    path = bench.save_trained(model, name, 3, 1, preset, val, tmp_path)
+    loaded, config, checkpoint = load_model_from_checkpoint(path)
+    assert path.name == f"{name}_seed3.pth" and config.name == ("maskrcnn" if name == "stock" else name)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert checkpoint["label_to_cat_id"] == val.label_to_cat_id and (config.min_size, config.max_size) == (128, 160)

@@ -5,7 +5,9 @@ few at a time and thresholds them, so a large image with many detections fits in
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -17,6 +19,33 @@ from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
 
 PASTE_BYTES = 256 * 2**20  # float memory for pasting masks at once; an image then needs ~N bytes per pixel on top
+LEVERS = ("bf16", "channels_last", "no_upscale")
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Inference levers (``bench/bench_infer.py`` measures each): ``bf16`` runs the network under bfloat16 autocast
+    (fast on CPUs with AVX-512 BF16 / AMX), ``channels_last`` stores activations NHWC, ``no_upscale`` runs an image
+    that already fits the model's size range at its own size instead of enlarging it to ``min_size``."""
+
+    bf16: bool = False
+    channels_last: bool = False
+    no_upscale: bool = False
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> "Speedups":
+        unknown = set(names) - set(LEVERS)
+        if unknown:
+            raise UserError(f"unknown inference lever(s) {', '.join(sorted(unknown))}; choose from {', '.join(LEVERS)}")
+        return cls(**{name: True for name in names})
+
+
+def apply_speedups(model: torch.nn.Module, speedups: Speedups) -> torch.nn.Module:
+    """Set ``model``'s inference levers (all off with ``Speedups()``) and return it; ``detect`` reads them."""
+    if isinstance(model, GeneralizedRCNN):
+        model.to(memory_format=torch.channels_last if speedups.channels_last else torch.contiguous_format)
+    model.speedups = speedups
+    return model
 
 
 def prepare_model(model: torch.nn.Module, config: ModelConfig, score_thresh: float, overlap_maps: bool = False) -> None:
@@ -46,15 +75,34 @@ def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: 
             output["masks"] = output["masks"] > mask_thresh
         return outputs
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-    batch, _ = model.transform(list(images))
-    features = model.backbone(batch.tensors)
-    proposals, _ = model.rpn(batch, features)
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    speedups = getattr(model, "speedups", None) or Speedups()
+    device_type = images[0].device.type
+    with _native_scale(model.transform, sizes, speedups.no_upscale), \
+            torch.autocast(device_type, dtype=torch.bfloat16, enabled=speedups.bf16):
+        batch, _ = model.transform(list(images))
+        tensors = batch.tensors.to(memory_format=torch.channels_last) if speedups.channels_last else batch.tensors
+        features = model.backbone(tensors)
+        proposals, _ = model.rpn(batch, features)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     outputs = []
     for found, resized, size in zip(detections, batch.image_sizes, sizes):
+        found = {k: v.float() if v.is_floating_point() else v for k, v in found.items()}
         found["boxes"] = resize_boxes(found["boxes"], resized, size)
         outputs.append(paste_detections(found, size, mask_thresh, paste_bytes))
     return outputs
+
+
+@contextlib.contextmanager
+def _native_scale(transform, sizes: Sequence[tuple[int, int]], enabled: bool) -> Iterator[None]:
+    """With ``enabled``, lower the transform's ``min_size`` to the images' shorter side for the call, so images
+    already inside the size range are not enlarged (larger ones are still brought down to ``max_size``)."""
+    saved = transform.min_size
+    if enabled:
+        transform.min_size = (min(saved[-1], *(min(size) for size in sizes)),)
+    try:
+        yield
+    finally:
+        transform.min_size = saved
 
 
 def paste_detections(
