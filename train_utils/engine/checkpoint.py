@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from backbone.weights import describe_load_error
-from errors import DaCSegError
+from errors import DaCSegError, UserError
+from my_dataset_chromosome import ChromosomeDataset
 from network_files import build_model
 from network_files.config import ModelConfig
 from train_utils.outputs.files import atomic_write
@@ -68,6 +69,16 @@ def load_model_from_checkpoint(
     """Read a checkpoint and rebuild its model; returns (model in eval mode, config, checkpoint)."""
     checkpoint = load_checkpoint(path)
     return (*model_from_checkpoint(checkpoint, path, device), checkpoint)
+
+
+def checkpoint_label_map(checkpoint: Mapping[str, Any], dataset: ChromosomeDataset, path: object) -> dict[int, int]:
+    """The checkpoint's label -> COCO category id map, which must be the dataset's (``UserError`` naming both)."""
+    saved = checkpoint.get("label_to_cat_id")
+    labels = dataset.label_to_cat_id if saved is None else {int(k): int(v) for k, v in saved.items()}
+    if labels != dataset.label_to_cat_id:
+        raise UserError(f"{path} was trained on categories {labels} (label: COCO id) but {dataset.ann_file} has "
+                        f"{dataset.label_to_cat_id}")
+    return labels
 
 
 def capture_rng_state() -> dict[str, Any]:

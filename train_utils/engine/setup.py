@@ -23,10 +23,14 @@ from overlaps import MIN_OVERLAP_AREA
 from train_utils import stain
 from train_utils.cli import model_config_from_args
 from train_utils.engine import distributed, loop, schedule
-from train_utils.engine.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from train_utils.engine.checkpoint import (
+    checkpoint_label_map,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from train_utils.engine.distributed import DistInfo
 from train_utils.engine.samplers import train_batch_sampler
-from train_utils.evaluation.score import checkpoint_label_map
 from transforms import get_transform
 
 

@@ -10,7 +10,6 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from errors import UserError
 from my_dataset_chromosome import ChromosomeDataset
 from overlaps import MIN_OVERLAP_AREA
 from train_utils.engine import distributed
@@ -26,16 +25,6 @@ def evaluation_loader(dataset: ChromosomeDataset, workers: int, device: torch.de
     """This process's shard of ``dataset`` in order (all of it in a one-process job)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world_size, rank),
                       num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
-
-
-def checkpoint_label_map(checkpoint: Mapping[str, Any], dataset: ChromosomeDataset, path: object) -> dict[int, int]:
-    """The checkpoint's label -> COCO category id map, which must be the dataset's (``UserError`` naming both)."""
-    saved = checkpoint.get("label_to_cat_id")
-    labels = dataset.label_to_cat_id if saved is None else {int(k): int(v) for k, v in saved.items()}
-    if labels != dataset.label_to_cat_id:
-        raise UserError(f"{path} was trained on categories {labels} (label: COCO id) but {dataset.ann_file} has "
-                        f"{dataset.label_to_cat_id}")
-    return labels
 
 
 @torch.inference_mode()

@@ -19,10 +19,15 @@ from errors import DaCSegError, UserError, print_error
 from my_dataset_chromosome import ChromosomeDataset, load_label_json
 from train_utils import stain
 from train_utils.cli import check_model_name, parse_validation_args
-from train_utils.engine.checkpoint import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from train_utils.engine.checkpoint import (
+    checkpoint_label_map,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from train_utils.engine.loop import resolve_amp
 from train_utils.evaluation.coco_eval import evaluate_results
-from train_utils.evaluation.score import checkpoint_label_map, evaluate, evaluation_loader
+from train_utils.evaluation.score import evaluate, evaluation_loader
 from train_utils.inference.tta import FlipTTA
 from train_utils.outputs.predictions import IMAGES_JSON
 from train_utils.outputs.record import format_summary, write_record

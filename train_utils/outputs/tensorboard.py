@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from train_utils.cli import UserError
+from errors import UserError
 
 TENSORBOARD_DIR = "tensorboard"
 _RECORD_SCALARS = ("precision", "recall", "f1", "count_mae", "count_exact", "count_bias")
