@@ -24,9 +24,10 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -183,11 +184,20 @@ class PredictionSummary:
     seconds: float = 0.0
 
 
-def _predict_one(model, path: Path, image_id: int, stem: str, device, output_dir: Path, label_names,
-                 options: PredictOptions) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor], str]:
+def _read_ahead(paths: Sequence[Path]) -> Iterator[tuple[Path, Future]]:
+    """Each path with the future of its decoded image; the next image is read while the current one is predicted."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read_image, paths[0]) if paths else None
+        for index, path in enumerate(paths):
+            current = pending
+            pending = pool.submit(read_image, paths[index + 1]) if index + 1 < len(paths) else None
+            yield path, current
+
+
+def _predict_one(model, path: Path, image: torch.Tensor, image_id: int, stem: str, device, output_dir: Path,
+                 label_names, options: PredictOptions) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
     """Predict one image (the model sees it in the checkpoint's polarity) and draw its pictures on the image as it
-    is; returns (its ``images.json`` entry, the image, the output, the counts caption)."""
-    image = read_image(path)
+    is; returns (its ``images.json`` entry, the output, the counts caption)."""
     polarity = stain.detect_polarity(image)
     inverted = stain.needs_inversion(polarity, options.model_polarity, options.stain_mode)
     output, seconds = predict_image(model, stain.invert(image) if inverted else image, device, options.mask_thresh)
@@ -205,7 +215,7 @@ def _predict_one(model, path: Path, image_id: int, stem: str, device, output_dir
     entry = {"id": image_id, "file_name": str(path.resolve()), "width": int(image.shape[-1]),
              "height": int(image.shape[-2]), "stem": stem, "num_detections": num, "num_overlapping": num_overlapping,
              "inference_ms": round(seconds * 1000, 1), "polarity": polarity, "inverted": inverted}
-    return entry, image, output, counts
+    return entry, output, counts
 
 
 def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str | os.PathLike,
@@ -225,11 +235,13 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
     summary, crop_entries = PredictionSummary(), []
     index = ImagesIndex(output_dir / IMAGES_JSON, label_names, label_to_cat_id)
     predictions = PredictionsWriter(output_dir / PREDICTIONS_JSON)
-    progress = tqdm(list(zip(paths, output_stems(paths))), desc="predict", unit="img", disable=None, file=sys.stderr)
-    for image_id, (path, stem) in enumerate(progress, start=1):
+    stems = output_stems(paths)
+    progress = tqdm(_read_ahead(paths), total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr)
+    for image_id, ((path, reading), stem) in enumerate(zip(progress, stems), start=1):
         try:
-            entry, image, output, counts = _predict_one(model, path, image_id, stem, device, output_dir, label_names,
-                                                        options)
+            image = reading.result()
+            entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir, label_names,
+                                                 options)
             predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id))
             if crops_dir is not None:
                 background = crop_background(options.crops.background, entry["polarity"])
@@ -245,7 +257,7 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
             tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
             continue
         finally:
-            image = output = None  # the next image must not wait for this one's memory
+            image = output = reading = None  # the next image must not wait for this one's memory
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         index.add(entry)
