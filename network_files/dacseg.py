@@ -115,13 +115,14 @@ def class_channel_bce(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor
 
 
 class DaCSegLogits(NamedTuple):
-    """Raw outputs of the DaCSeg heads for R RoIs (the maps are ``[R, K+1, 28, 28]``)."""
+    """Raw outputs of the DaCSeg heads for R RoIs (the maps are ``[R, K+1, 28, 28]``; None at inference unless the
+    auxiliary maps are asked for)."""
 
     overlap_cls: Tensor  # [R, 2]: not overlapping, overlapping
-    overlap: Tensor
-    overlap_edge: Tensor
-    overlap_else: Tensor
-    overlap_else_edge: Tensor
+    overlap: Tensor | None
+    overlap_edge: Tensor | None
+    overlap_else: Tensor | None
+    overlap_else_edge: Tensor | None
     mask: Tensor  # the fused final mask
 
 
@@ -204,9 +205,12 @@ class OverlapStage(nn.Module):
             nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
             nn.init.zeros_(predictor.mask_fcn_logits.bias)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Return the stage features and the mask and boundary logits."""
+    def forward(self, x: Tensor, with_maps: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Return the stage features and the mask and boundary logits (None without ``with_maps``: at inference the
+        fused mask needs only the features)."""
         x = self.convs(self.attention(self.conv_in(x)))
+        if not with_maps:
+            return x, None, None
         return x, self.mask_predictor(x), self.edge_predictor(x)
 
 
@@ -218,10 +222,11 @@ class BilayerOverlapHead(nn.Module):
         self.overlap = OverlapStage(channels, num_classes)
         self.overlap_else = OverlapStage(channels, num_classes)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Return X2 and the (overlap, overlap edge, overlap-else, overlap-else edge) logits."""
-        x1, overlap, overlap_edge = self.overlap(features)
-        x2, overlap_else, overlap_else_edge = self.overlap_else(features + x1)
+    def forward(self, features: Tensor, with_maps: bool = True) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        """Return X2 and the (overlap, overlap edge, overlap-else, overlap-else edge) logits (None each without
+        ``with_maps``)."""
+        x1, overlap, overlap_edge = self.overlap(features, with_maps)
+        x2, overlap_else, overlap_else_edge = self.overlap_else(features + x1, with_maps)
         return x2, (overlap, overlap_edge, overlap_else, overlap_else_edge)
 
 
@@ -281,11 +286,13 @@ class DaCSegRoIHeads(RoIHeads):
         return self.box_predictor(box_features)
 
     def dacseg_logits(
-        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
+        with_maps: bool = True,
     ) -> DaCSegLogits:
-        """Run every DaCSeg head on the mask RoI features of ``boxes``, pooled once."""
+        """Run every DaCSeg head on the mask RoI features of ``boxes``, pooled once (the four auxiliary maps only
+        ``with_maps``; they are None otherwise)."""
         roi_features = self.mask_roi_pool(features, boxes, image_shapes)
-        x2, overlap_maps = self.overlap_head(roi_features)
+        x2, overlap_maps = self.overlap_head(roi_features, with_maps)
         mask = self.mask_predictor(self.mask_head(roi_features + x2))
         return DaCSegLogits(self.overlap_classifier(roi_features), *overlap_maps, mask)
 
@@ -331,7 +338,7 @@ class DaCSegRoIHeads(RoIHeads):
         """Detections with fused ``masks``, ``overlap_scores`` and, when asked, the auxiliary maps (28x28 per box)."""
         class_logits, box_regression = self.box_logits(features, proposals, image_shapes)
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        logits = self.dacseg_logits(features, boxes, image_shapes)
+        logits = self.dacseg_logits(features, boxes, image_shapes, with_maps=self.return_overlap_maps)
         counts = [len(b) for b in boxes]
         masks = maskrcnn_inference(logits.mask, labels)
         overlap_scores = logits.overlap_cls.float().softmax(dim=1)[:, 1].split(counts)

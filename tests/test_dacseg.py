@@ -360,9 +360,9 @@ def test_exactly_one_positive_roi_in_batch(model, monkeypatch):
     rois_seen = []
     dacseg_logits = DaCSegRoIHeads.dacseg_logits
 
-    def spy(self, features, boxes, image_shapes):
+    def spy(self, features, boxes, image_shapes, with_maps=True):
         rois_seen.append([len(b) for b in boxes])
-        return dacseg_logits(self, features, boxes, image_shapes)
+        return dacseg_logits(self, features, boxes, image_shapes, with_maps)
 
     monkeypatch.setattr(DaCSegRoIHeads, "dacseg_logits", spy)
     _, losses = model.roi_heads(features, [far_away, far_away.clone()], images.image_sizes, targets)
@@ -488,15 +488,15 @@ def test_batch_with_different_detection_counts_in_one_pass(model, monkeypatch):
     calls = []
     dacseg_logits = DaCSegRoIHeads.dacseg_logits
 
-    def spy(self, features, rois, image_shapes):
-        calls.append([len(b) for b in rois])
-        return dacseg_logits(self, features, rois, image_shapes)
+    def spy(self, features, rois, image_shapes, with_maps=True):
+        calls.append(([len(b) for b in rois], with_maps))
+        return dacseg_logits(self, features, rois, image_shapes, with_maps)
 
     monkeypatch.setattr(DaCSegRoIHeads, "dacseg_logits", spy)
     monkeypatch.setattr(model.roi_heads, "postprocess_detections", fixed_detections(boxes))
     with torch.no_grad():
         outputs = model([image, second])
-    assert calls == [[3, 1]]  # all heads ran once, maps included
+    assert calls == [([3, 1], True)]  # all heads ran once, maps included
     for output, count in zip(outputs, (3, 1)):
         assert output["boxes"].shape == (count, 4)
         assert output["masks"].shape == (count, 1, HEIGHT, WIDTH)
@@ -510,6 +510,27 @@ def test_batch_with_different_detection_counts_in_one_pass(model, monkeypatch):
         (alone,) = model([second])
     assert torch.allclose(alone["overlap_scores"], outputs[1]["overlap_scores"], atol=1e-5)
     assert torch.allclose(alone["overlap_else_mask"], outputs[1]["overlap_else_mask"], atol=1e-4)
+
+
+def test_maps_are_computed_only_when_asked_and_change_nothing_else(model, monkeypatch):
+    model.eval()
+    image, _ = bars_sample(CROSSING_BARS)
+    boxes = [torch.tensor([[20.0, 56, 120, 72], [62, 16, 78, 112], [130, 20, 150, 40]])]
+    monkeypatch.setattr(model.roi_heads, "postprocess_detections", fixed_detections(boxes))
+    called = []
+    for stage in (model.roi_heads.overlap_head.overlap, model.roi_heads.overlap_head.overlap_else):
+        for predictor in (stage.mask_predictor, stage.edge_predictor):
+            predictor.register_forward_hook(lambda *_: called.append(1))
+    outputs = {}
+    for asked in (True, False):
+        model.roi_heads.return_overlap_maps = asked
+        called.clear()
+        with torch.no_grad():
+            (outputs[asked],) = model([image])
+        assert len(called) == (4 if asked else 0)
+    assert set(OVERLAP_MAP_KEYS) <= set(outputs[True]) and not set(OVERLAP_MAP_KEYS) & set(outputs[False])
+    for key in ("masks", "overlap_scores", "scores"):
+        assert torch.equal(outputs[True][key], outputs[False][key]), key
 
 
 def test_no_detections(model, monkeypatch):
