@@ -38,7 +38,7 @@ from torchvision.ops import masks_to_boxes
 from tqdm import tqdm
 
 from errors import DaCSegError, one_line
-from overlaps import MIN_OVERLAP_AREA, instance_flags
+from overlaps import MIN_OVERLAP_AREA, instance_flags, segmentation_rle
 
 UPSTREAM_IMAGES_DIR = "imgb"
 
@@ -293,13 +293,10 @@ def _annotation_rle(ann: dict[str, Any], height: int, width: int, skipped: _Skip
         size, counts = segmentation.get("size"), segmentation.get("counts")
         if size != [height, width]:
             raise DatasetError(f"{where}: RLE size {size} does not match the image size [{height}, {width}]")
-        if isinstance(counts, list):
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        elif isinstance(counts, (str, bytes)):
-            rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        else:
+        if not isinstance(counts, (list, str, bytes)):
             raise DatasetError(f"{where}: RLE \"counts\" must be a list or a string")
         try:
+            rle = segmentation_rle(segmentation, height, width)
             empty = mask_utils.area(rle) == 0
         except Exception as exc:  # pycocotools raises bare errors on corrupt counts
             raise DatasetError(f"{where}: corrupt RLE ({one_line(exc)})") from None

@@ -47,7 +47,8 @@ def instance_flags(given: Sequence[bool | None], rles: Sequence[dict[str, Any]],
 
 
 def segmentation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
-    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE."""
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE: the masks the rule
+    compares (the dataset checks an annotation before it converts it with this)."""
     if isinstance(segmentation, list):
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation.get("counts"), list):

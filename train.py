@@ -3,7 +3,7 @@
     python train.py --data-path data/synth --epochs 26 -b 4 --output-dir save_weights
 
 Writes checkpoints, det_results.txt / seg_results.txt, metrics.jsonl and plots into --output-dir
-(see train_utils/trainer.py). Exit status: 0 done, 1 training failed (e.g. a non-finite loss), 2 a usage error.
+(see train_utils/engine/trainer.py). Exit status: 0 done, 1 training failed (e.g. a non-finite loss), 2 a usage error.
 """
 from __future__ import annotations
 

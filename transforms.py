@@ -53,7 +53,8 @@ class RandomGamma(v2.Transform):
 
 
 def tighten_instances(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Recompute boxes and areas from the masks and drop the instances whose mask became empty."""
+    """Recompute boxes and areas from the masks, drop the instances whose mask became empty, and clear the
+    ``overlapping`` flag of an instance that no longer meets any other (its crossing was cut away)."""
     target = dict(target)
     masks = target["masks"]
     keep = masks.flatten(1).amax(1) > 0  # amax: many times faster than any() / sum() on uint8 masks
@@ -62,6 +63,9 @@ def tighten_instances(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str
             target[key] = target[key][keep]
     masks = tv_tensors.wrap(masks[keep], like=masks)
     target["masks"] = masks
+    if "overlapping" in target:  # a crop can take an instance's crossing away; the flag must not outlive it
+        meets = (masks.bool() & (masks.sum(0, dtype=torch.int32) > 1)).flatten(1).any(1)
+        target["overlapping"] = target["overlapping"] & meets
     target["boxes"] = tv_tensors.BoundingBoxes(boxes_from_masks(masks), format="XYXY",
                                                canvas_size=tuple(masks.shape[-2:]))
     if "area" in target:

@@ -34,7 +34,7 @@ from errors import DaCSegError, print_error  # noqa: E402
 from my_dataset_chromosome import read_image  # noqa: E402
 from network_files import ModelConfig, build_model  # noqa: E402
 from tools.labelme2coco import convert_labelme  # noqa: E402
-from train_utils.cli import ArgumentParser, add_device_args, expand_inputs, number_arg  # noqa: E402
+from train_utils.cli import ArgumentParser, expand_inputs, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from train_utils.inference.detect import LEVERS, Speedups, apply_speedups  # noqa: E402
 from train_utils.jobs.predict import predict_image  # noqa: E402
@@ -143,7 +143,7 @@ def time_levers(args, ours, config, images) -> tuple[dict[str, Timing], Timing, 
     return timings, stock_timing, agreements
 
 
-def time_onnx(path: str, images: list[torch.Tensor], repeats: int, detections: int) -> Timing:
+def time_onnx(path: str, images: list[torch.Tensor], repeats: int) -> Timing:
     from train_utils.inference.exported import load_onnx_model
 
     detector, _, _ = load_onnx_model(path)
@@ -177,7 +177,6 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--score-thresh", type=number_arg(float, 0.0, 1.0), default=0.5)
     parser.add_argument("--min-iou", type=number_arg(float, 0.0, 1.0), default=0.98)
     parser.add_argument("--onnx", default=None, metavar="FILE", help="also time this exported model")
-    add_device_args(parser)
     return parser
 
 
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {timing.median:.3f} | {base:.3f} | {timing.median / base:.2f} | {'yes' if same else 'NO'} "
               f"| {iou:.3f}{'' if iou >= args.min_iou else ' (below ' + str(args.min_iou) + ')'} |")
     if args.onnx:
-        onnx = time_onnx(args.onnx, images, args.repeats, args.detections)
+        onnx = time_onnx(args.onnx, images, args.repeats)
         print(f"| onnxruntime {args.onnx} | {onnx.median:.3f} | {base:.3f} | {onnx.median / base:.2f} | | |")
     return 0
 

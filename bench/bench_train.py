@@ -56,16 +56,8 @@ from network_files.config import MODEL_NAMES, OVERLAP_CLS_HEADS  # noqa: E402
 from tools.synth_metaphase import SynthConfig, generate  # noqa: E402
 from train_utils.engine import loop  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
-from errors import DaCSegError  # noqa: E402
-from train_utils.cli import (  # noqa: E402
-    ArgumentParser,
-    number_arg,
-    UserError,
-    add_data_args,
-    add_device_args,
-    parse_args,
-    print_error,
-)
+from errors import DaCSegError, UserError, print_error  # noqa: E402
+from train_utils.cli import ArgumentParser, add_data_args, add_device_args, number_arg, parse_args  # noqa: E402
 from train_utils.engine.setup import (  # noqa: E402
     build_run_model,
     make_optimizer,

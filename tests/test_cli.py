@@ -174,16 +174,17 @@ def test_expand_errors_name_the_culprit(tmp_path):
         expand_inputs([str(empty / "*.md")])
 
 
-SCRIPTS = ["train.py", "train_multi_GPU.py", "validation.py", "predict.py", "tools/labelme2coco.py",
-           "tools/xml2coco.py", "tools/synth_metaphase.py", "tools/show_dataset.py", "bench/bench_accuracy.py",
-           "bench/bench_train.py", "bench/bench_synth.py"]
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(["train.py", "train_multi_GPU.py", "validation.py", "predict.py"] + [
+    str(path.relative_to(ROOT)) for folder in ("tools", "bench") for path in (ROOT / folder).glob("*.py")
+    if "def main(" in path.read_text()])  # every command-line program, a new one included
 
 
 def _script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / script
+    path = ROOT / script
     spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
@@ -192,6 +193,10 @@ def _script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
         if hasattr(module, name):
             return getattr(module, name)()
     raise AssertionError(f"{script} has no parser function")
+
+
+def test_the_scripts_are_all_there():
+    assert {"tools/export.py", "tools/synth_metaphase.py", "bench/bench_infer.py", "bench/bench_accuracy.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

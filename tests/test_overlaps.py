@@ -77,23 +77,31 @@ def test_segmentation_rle_reads_polygons_and_both_rles():
         assert decoded.sum() == 130 and (decoded[:10, 7:20] == 1).all()
 
 
-def _functions_named(pattern: str) -> list[str]:
-    """``file:function`` of every function whose name contains ``pattern`` outside overlaps.py and the tests."""
-    found = []
-    for path in ROOT.rglob("*.py"):
-        if ".venv" in path.parts or path.parts[-2] == "tests" or path.name == "overlaps.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and pattern in node.name:
-                found.append(f"{path.relative_to(ROOT)}:{node.name}")
-    return found
+def _library_sources() -> list[tuple[Path, ast.Module]]:
+    return [(path, ast.parse(path.read_text())) for path in ROOT.rglob("*.py")
+            if ".venv" not in path.parts and path.parts[-2] != "tests" and path.name != "overlaps.py"]
 
 
 def test_no_second_copy_of_the_rule():
-    """Flags are computed in overlaps.py only: a function elsewhere that derives them from masks is a second copy
-    that could drift (metrics.overlapping_flags reads a COCO index and calls ``instance_flags``)."""
-    assert _functions_named("overlapping_from") == []
-    assert sorted(_functions_named("overlapping_flags")) == ["train_utils/evaluation/metrics.py:overlapping_flags"]
-    defaults = [line for path in ROOT.rglob("*.py") if ".venv" not in path.parts and path.parts[-2] != "tests"
-                for line in path.read_text().splitlines() if "overlap_area" in line and "20.0" in line]
-    assert defaults == []  # one threshold, MIN_OVERLAP_AREA
+    """Overlap flags are derived in overlaps.py only: elsewhere nothing intersects masks with the union of the
+    others (pycocotools' ``merge(..., intersect=True)``), no function is named like the rule, and no threshold
+    default is a number of its own instead of ``MIN_OVERLAP_AREA``."""
+    copies, own_thresholds = [], []
+    for path, tree in _library_sources():
+        where = str(path.relative_to(ROOT))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg == "intersect":
+                copies.append(f"{where}:{node.lineno} intersects masks")
+            if isinstance(node, ast.FunctionDef) and "overlapping_from" in node.name:
+                copies.append(f"{where}:{node.lineno} {node.name}")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.args + node.args.kwonlyargs
+                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults
+                defaults += node.args.kw_defaults
+                for arg, default in zip(args, defaults):
+                    if "overlap_area" in arg.arg and isinstance(default, ast.Constant):
+                        own_thresholds.append(f"{where}:{node.lineno} {arg.arg}={default.value}")
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and "overlap_area" in node.target.id and isinstance(node.value, ast.Constant):
+                own_thresholds.append(f"{where}:{node.lineno} {node.target.id}={node.value.value}")
+    assert copies == [] and own_thresholds == []

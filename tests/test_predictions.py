@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from pycocotools import mask as mask_utils
 
-from train_utils.outputs.predictions import ImagesIndex, PredictionsWriter, outputs_to_coco_results, write_predictions
+from train_utils.outputs.predictions import ImagesIndex, PredictionsWriter, outputs_to_coco_results
 
 
 def test_outputs_become_coco_entries_with_rle_masks():
@@ -45,7 +45,11 @@ def test_predictions_json_has_one_result_per_line(tmp_path):
         {"image_id": 2, "category_id": 3, "bbox": [0.5, 0.0, 1.0, 1.0], "score": 0.5},
     ]
     path = tmp_path / "predictions.json"
-    write_predictions(results, path)
+    writer = PredictionsWriter(path)
+    writer.add(results[:1])
+    writer.add([])  # an image without detections
+    writer.add(results[1:])
+    writer.close()
     assert path.read_text() == (
         '[\n'
         '{"image_id": 1, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9, '
@@ -54,7 +58,7 @@ def test_predictions_json_has_one_result_per_line(tmp_path):
         ']\n'
     )
     assert json.loads(path.read_text()) == results
-    write_predictions([], path)
+    PredictionsWriter(path).close()
     assert path.read_text() == "[]\n"
 
 

@@ -128,3 +128,18 @@ def test_distributed_evaluate_equals_one_process(tmp_path):
     for rank in range(2):  # every process returns the same record
         record = json.loads((tmp_path / f"record_{rank}.json").read_text())
         assert record == json.loads(json.dumps(single))
+
+
+def test_the_callers_autocast_reaches_the_model(val_ds):
+    """Evaluation under --amp runs the network in the autocast dtype (inference.detect must not switch it off)."""
+    from network_files import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", min_size=128, max_size=160, trainable_layers=0,
+                                    norm_layer="frozen_bn", box_detections_per_img=5))
+    seen = []
+    model.backbone.body.conv1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for amp_dtype in (torch.bfloat16, None):
+        score.evaluate(model, _loader(val_ds), torch.device("cpu"), val_ds.coco, val_ds.label_to_cat_id,
+                       amp_dtype=amp_dtype)
+    assert seen == [torch.bfloat16] * len(val_ds) + [torch.float32] * len(val_ds)

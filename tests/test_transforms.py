@@ -14,10 +14,11 @@ BACKGROUND, FOREGROUND = 0.1, 0.8
 
 
 def make_sample(with_instances: bool = True) -> tuple[tv_tensors.Image, dict]:
-    """Squares of distinct sizes inside the central region; labels 1..4, overlapping on even labels."""
+    """Squares of distinct sizes inside the central region; labels 1..4; 2 and 4 cross (15 px), so they are the
+    overlapping ones."""
     image = torch.full((3, H, W), BACKGROUND)
     masks = torch.zeros((len(SIDES), H, W), dtype=torch.uint8)
-    corners = [(34, 30), (55, 30), (34, 50), (66, 46)]
+    corners = [(34, 30), (60, 42), (34, 50), (66, 46)]
     for k, (side, (x, y)) in enumerate(zip(SIDES, corners)):
         masks[k, y:y + side, x:x + side] = 1
         image[:, y:y + side, x:x + side] = FOREGROUND
@@ -143,13 +144,26 @@ def test_invert_prob_inverts_grey_levels():
     assert out[:, inside].mean() < out[:, ~inside].mean() - 0.3  # dark chromosomes on a light background
 
 
+def test_a_flag_whose_crossing_is_cut_away_is_cleared():
+    image, target = make_sample()
+    target["masks"][3] = 0  # a crop took square 4 away: square 2 crosses nothing any more
+    _, out = tighten_instances(image, target)
+    assert out["labels"].tolist() == [1, 2, 3] and out["overlapping"].tolist() == [False, False, False]
+    image, target = make_sample()
+    target["masks"][3, 46:52, 66:70] = 0  # the crossing itself cut away, both squares still there
+    assert tighten_instances(image, target)[1]["overlapping"].tolist() == [False, False, False, False]
+    image, target = make_sample()
+    target["overlapping"][:] = True  # a flag is only ever cleared, never set: the rule's threshold is not known here
+    assert tighten_instances(image, target)[1]["overlapping"].tolist() == [False, True, False, True]
+
+
 def test_emptied_instances_are_dropped_with_their_keys():
     image, target = make_sample()
-    target["masks"][1] = 0  # as if a crop had pushed it out
-    target["boxes"][0] = torch.tensor([0.0, 0.0, 5.0, 5.0])  # stale box
+    target["masks"][0] = 0  # as if a crop had pushed it out
+    target["boxes"][1] = torch.tensor([0.0, 0.0, 5.0, 5.0])  # stale box
     _, out = tighten_instances(image, target)
-    assert out["labels"].tolist() == [1, 3, 4]
-    assert out["overlapping"].tolist() == [False, False, True]
+    assert out["labels"].tolist() == [2, 3, 4]
+    assert out["overlapping"].tolist() == [True, False, True]
     assert out["iscrowd"].tolist() == [0, 0, 0] and out["masks"].shape[0] == 3
     check_consistent(image, out)
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -34,13 +35,42 @@ from network_files.config import ModelConfig  # noqa: E402
 from tools.synth_metaphase import SynthConfig, image_seed, render_metaphase  # noqa: E402
 from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
-from train_utils.inference.exported import export_onnx, load_onnx_model  # noqa: E402
+from train_utils.inference.exported import CHECKPOINT_KEYS, INPUT_NAME, METADATA_KEY, load_onnx_model  # noqa: E402
+from train_utils.inference.exported import output_names  # noqa: E402
 
 FORMATS = ("onnx", "torch-export")
 BOX_TOLERANCE_PX = 0.05
 SCORE_TOLERANCE = 1e-3
 MASK_TOLERANCE = 1e-2  # mask probability; the 0.5-thresholded masks then agree but for a pixel or so per edge
 SECOND_SIZE = (448, 640)  # the check's second image size (height, width): the export must not be tied to one
+
+
+def export_onnx(model: torch.nn.Module, config: ModelConfig, checkpoint: Mapping[str, Any], example: torch.Tensor,
+                path: str | os.PathLike, opset: int = 17) -> Path:
+    """Export the eval-mode ``model`` (traced on ``example``, any size works afterwards) to ``path`` with the
+    checkpoint's metadata; raises ``UserError`` (one line) when the export fails."""
+    import onnx
+
+    path = Path(path)
+    saved_thresh = model.roi_heads.score_thresh
+    model.roi_heads.score_thresh = 0.0  # the graph keeps every detection; the detector running it applies a threshold
+    names = output_names(config)
+    dynamic = {INPUT_NAME: {1: "height", 2: "width"}, **{name: {0: "detections"} for name in names}}
+    try:
+        with warnings.catch_warnings():  # tracing warns at every data-dependent line of torchvision's detection code
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, ([example],), str(path), opset_version=opset, dynamo=False,
+                              input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic)
+    except Exception as exc:  # the exporter raises many kinds; the user needs one line
+        raise UserError(f"ONNX export of the {config.name} model failed: {one_line(exc)}") from None
+    finally:
+        model.roi_heads.score_thresh = saved_thresh
+    exported = onnx.load(str(path))
+    info = {key: checkpoint.get(key) for key in CHECKPOINT_KEYS}
+    info["model_config"] = config.to_dict()
+    exported.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
+    onnx.save(exported, str(path))
+    return path
 
 
 def check_image(path: str | None) -> torch.Tensor:
@@ -117,18 +147,27 @@ def export_torch(model: torch.nn.Module, config: ModelConfig, example: torch.Ten
 
 def export(weights_path: str, fmt: str, out: Path, image_path: str | None = None, opset: int = 17
            ) -> list[dict[str, float]]:
-    """Export the checkpoint's model to ``out`` and check it (see the module docstring); returns the differences."""
+    """Export the checkpoint's model to ``out`` and check it (see the module docstring); returns the differences.
+    ``out`` is written only once the check passed (the export goes to ``<out>.tmp`` first)."""
     model, config, checkpoint = load_model_from_checkpoint(weights_path, "cpu")
     image = check_image(image_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        export_onnx(model, config, checkpoint, image, out, opset)
-        detector, _, _ = load_onnx_model(out)
-        detector.score_thresh = float(model.roi_heads.score_thresh)
-        run_exported: Callable[[torch.Tensor], Any] = lambda picture: detector([picture])[0]  # noqa: E731
-    else:
-        run_exported = export_torch(model, config, image, out)
-    return check_export(model, run_exported, image)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        if fmt == "onnx":
+            export_onnx(model, config, checkpoint, image, tmp, opset)
+            detector, _, _ = load_onnx_model(tmp)
+            run_exported: Callable[[torch.Tensor], Any] = lambda picture: detector([picture])[0]  # noqa: E731
+        else:
+            run_exported = export_torch(model, config, image, tmp)
+        checks = check_export(model, run_exported, image)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return checks
 
 
 def get_args_parser() -> ArgumentParser:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from errors import UserError, one_line, print_error  # noqa: F401 (the scripts' error helpers)
+from errors import UserError, one_line
 from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS, ModelConfig
 from overlaps import MIN_OVERLAP_AREA
 from train_utils.outputs.crops import CROP_BACKGROUNDS
@@ -376,7 +376,7 @@ def get_validation_parser() -> ArgumentParser:
     add_stain_arg(parser)
     add_amp_args(parser)
     parser.add_argument("--tta", action="store_true",
-                        help="test-time flips: score the merge of each image and its three flips (train_utils.tta)")
+                        help="test-time flips: score the merge of each image and its three flips (train_utils/inference/tta.py)")
     parser.add_argument("-b", "--batch-size", type=number_arg(int, low=1), default=1, metavar="N",
                         help="images per inference batch (default: %(default)s)")
     parser.add_argument("--num-classes", type=number_arg(int, low=1), default=None, metavar="K",

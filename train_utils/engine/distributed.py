@@ -160,4 +160,5 @@ def shutdown(exit_code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
+    dist.barrier()  # no process tears the group down while a peer still uses it (gloo aborts on a closed peer)
     dist.destroy_process_group()

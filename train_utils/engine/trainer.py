@@ -40,7 +40,7 @@ from train_utils.engine.checkpoint import (
 from train_utils.engine.distributed import DistInfo
 from train_utils.evaluation import score
 from train_utils.outputs import plots, results
-from train_utils.outputs.files import prepare_output_dir, remove_unfinished_writes
+from train_utils.outputs.files import prepare_output_dir, remove_unfinished_writes, write_text_atomic
 from train_utils.outputs.record import format_summary, write_record
 from train_utils.outputs.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
@@ -111,7 +111,7 @@ def _training_job(args, info: DistInfo, device: torch.device, model, config, tra
         if args.tensorboard:  # before the first step: a missing package is a one-line error
             board = TensorBoardLog(args.tensorboard_dir or output_dir / TENSORBOARD_DIR,
                                    purge_step=start_epoch * len(train_loader))
-        (output_dir / ARGS_JSON).write_text(json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
+        write_text_atomic(output_dir / ARGS_JSON, json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
         save_label_json(val_ds.label_names, output_dir / LABELS_JSON)
         log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
             f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "

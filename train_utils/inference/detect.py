@@ -74,11 +74,14 @@ def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: 
         for output in outputs:
             output["masks"] = output["masks"] > mask_thresh
         return outputs
-    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
     speedups = getattr(model, "speedups", None) or Speedups()
-    device_type = images[0].device.type
-    with _native_scale(model.transform, sizes, speedups.no_upscale), \
-            torch.autocast(device_type, dtype=torch.bfloat16, enabled=speedups.bf16):
+    if speedups.no_upscale and len(images) > 1:  # the native scale is each image's own
+        return [output for image in images for output in detect(model, [image], mask_thresh, paste_bytes)]
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    # bf16 only when asked; otherwise the caller's autocast (evaluation under --amp) stays in force
+    precision = torch.autocast(images[0].device.type, dtype=torch.bfloat16) if speedups.bf16 else \
+        contextlib.nullcontext()
+    with _native_scale(model.transform, sizes, speedups.no_upscale), precision:
         batch, _ = model.transform(list(images))
         tensors = batch.tensors.to(memory_format=torch.channels_last) if speedups.channels_last else batch.tensors
         features = model.backbone(tensors)
@@ -94,8 +97,8 @@ def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: 
 
 @contextlib.contextmanager
 def _native_scale(transform, sizes: Sequence[tuple[int, int]], enabled: bool) -> Iterator[None]:
-    """With ``enabled``, lower the transform's ``min_size`` to the images' shorter side for the call, so images
-    already inside the size range are not enlarged (larger ones are still brought down to ``max_size``)."""
+    """With ``enabled``, lower the transform's ``min_size`` to the image's shorter side for the call, so an image
+    already inside the size range is not enlarged (a larger one is still brought down to ``max_size``)."""
     saved = transform.min_size
     if enabled:
         transform.min_size = (min(saved[-1], *(min(size) for size in sizes)),)

@@ -20,6 +20,7 @@ overwrites another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -234,37 +235,36 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
         raise UserError(str(exc)) from None
     summary, crop_entries = PredictionSummary(), []
     index = ImagesIndex(output_dir / IMAGES_JSON, label_names, label_to_cat_id)
-    predictions = PredictionsWriter(output_dir / PREDICTIONS_JSON)
-    stems = output_stems(paths)
-    progress = tqdm(_read_ahead(paths), total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr)
-    for image_id, ((path, reading), stem) in enumerate(zip(progress, stems), start=1):
-        try:
-            image = reading.result()
-            entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir, label_names,
-                                                 options)
-            predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id))
-            if crops_dir is not None:
-                background = crop_background(options.crops.background, entry["polarity"])
-                crop_entries += write_image_crops(image, output, image_id, path, stem, crops_dir, background,
-                                                  options.crops.margin, options.crops.height)
-                write_text_atomic(crops_dir / CROPS_JSON, json_list_text(crop_entries))
-        except (DatasetError, RuntimeError, MemoryError) as exc:
-            if not isinstance(exc, DatasetError) and not is_out_of_memory(exc):
-                raise
-            reason = str(exc) if isinstance(exc, DatasetError) else \
-                "not enough memory to predict this {}x{} image ({})".format(*image_size(path), one_line(exc))
-            index.fail(image_id, path, reason)
-            tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
-            continue
-        finally:
-            image = output = reading = None  # the next image must not wait for this one's memory
-            if torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
-        index.add(entry)
-        summary.num_detections += entry["num_detections"]
-        summary.seconds += entry["inference_ms"] / 1000
-        tqdm.write(f"{path}: {counts}, {entry['inference_ms']:.0f} ms -> {stem}_pred.png")
-    predictions.close()
+    with contextlib.closing(PredictionsWriter(output_dir / PREDICTIONS_JSON)) as predictions:
+        stems = output_stems(paths)
+        progress = tqdm(_read_ahead(paths), total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr)
+        for image_id, ((path, reading), stem) in enumerate(zip(progress, stems), start=1):
+            try:
+                image = reading.result()
+                entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir, label_names,
+                                                     options)
+                predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id))
+                if crops_dir is not None:
+                    background = crop_background(options.crops.background, entry["polarity"])
+                    crop_entries += write_image_crops(image, output, image_id, path, stem, crops_dir, background,
+                                                      options.crops.margin, options.crops.height)
+                    write_text_atomic(crops_dir / CROPS_JSON, json_list_text(crop_entries))
+            except (DatasetError, RuntimeError, MemoryError) as exc:
+                if not isinstance(exc, DatasetError) and not is_out_of_memory(exc):
+                    raise
+                reason = str(exc) if isinstance(exc, DatasetError) else \
+                    "not enough memory to predict this {}x{} image ({})".format(*image_size(path), one_line(exc))
+                index.fail(image_id, path, reason)
+                tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
+                continue
+            finally:
+                image = output = reading = None  # the next image must not wait for this one's memory
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+            index.add(entry)
+            summary.num_detections += entry["num_detections"]
+            summary.seconds += entry["inference_ms"] / 1000
+            tqdm.write(f"{path}: {counts}, {entry['inference_ms']:.0f} ms -> {stem}_pred.png")
     summary.images, summary.failed = index.images, index.failed
     return summary
 
@@ -279,6 +279,9 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
         if args.save_overlap_maps:
             raise UserError(f"--save-overlap-maps: {args.weights_path} is an exported model, which returns no maps")
         model, config, checkpoint = load_onnx_model(args.weights_path, args.threads)
+        if torch.device(args.device).type != "cpu":
+            print(f"note: {args.weights_path} runs with onnxruntime on the CPU, not on {args.device}", file=sys.stderr)
+            args.device = "cpu"
     else:
         model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
     check_model_name(args.model, config, args.weights_path)

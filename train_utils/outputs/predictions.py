@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from train_utils.outputs.files import json_lines, json_list_text, write_text_atomic
+from train_utils.outputs.files import json_lines, write_text_atomic
 
 PREDICTIONS_JSON = "predictions.json"
 IMAGES_JSON = "images.json"
@@ -77,8 +77,8 @@ def outputs_to_coco_results(
 
 
 class PredictionsWriter:
-    """``predictions.json`` written as it grows: a JSON list, one COCO result object per line, closed after every
-    ``add``, so a crash or a kill keeps every image already predicted."""
+    """``predictions.json`` written as it grows: a JSON list, one COCO result object per line, whose closing bracket
+    is rewritten after every ``add``, so the file is whole JSON whenever a crash or a kill stops the run."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.file = open(path, "wb")
@@ -98,11 +98,6 @@ class PredictionsWriter:
 
     def close(self) -> None:
         self.file.close()
-
-
-def write_predictions(results: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """``predictions.json`` in one go (the format of ``PredictionsWriter``)."""
-    Path(path).write_text(json_list_text(results))
 
 
 class ImagesIndex:
