@@ -37,43 +37,15 @@ def sample_record() -> dict:
     }
 
 
-EXPECTED = """\
-bbox COCO results:
- Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.610
- Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ] = 0.950
- Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ] = 0.700
- Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = 0.600
- Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ] = -1.000
- Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ] = 0.050
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ] = 0.500
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.660
- Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = 0.660
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ] = -1.000
- Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000
+def coco_text(iou_type: str, stats: list[float], ap50: str) -> str:
+    """A COCO block of record_mAP.txt: the 12 lines pycocotools printed (copied as they are), the per-class AP50."""
+    lines = "\n".join(coco_section(stats, {}, (0, 0, 0, 0, 0, 0))["summary_lines"])
+    return f"{iou_type} COCO results:\n{lines}\n\n{iou_type} mAP(IoU=0.5) for each category:\n{ap50}\n"
 
-bbox mAP(IoU=0.5) for each category:
- chromosome     : 0.9500
- nucleus        : -1.0000
 
-segm COCO results:
- Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.550
- Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ] = 0.930
- Average Precision  (AP) @[ IoU=0.75      | area=   all | maxDets=100 ] = 0.600
- Average Precision  (AP) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = 0.550
- Average Precision  (AP) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ] = -1.000
- Average Precision  (AP) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=  1 ] = 0.040
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets= 10 ] = 0.450
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.600
- Average Recall     (AR) @[ IoU=0.50:0.95 | area= small | maxDets=100 ] = 0.600
- Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ] = -1.000
- Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ] = -1.000
-
-segm mAP(IoU=0.5) for each category:
- chromosome     : 0.9300
- nucleus        : -1.0000
-
+PER_CLASS = " chromosome     : {:.4f}\n nucleus        : -1.0000"
+EXPECTED = coco_text("bbox", sample_record()["bbox"]["stats"], PER_CLASS.format(0.95)) + "\n" + coco_text(
+    "segm", sample_record()["segm"]["stats"], PER_CLASS.format(0.93)) + """
 Chromosome metrics (detections with score >= 0.50, matched one-to-one at IoU >= 0.50; subsets ignore detections lying on the other instances):
 precision (segm):               0.8750
 recall (segm):                  0.7778
