@@ -84,3 +84,47 @@ def test_prepare_model_sets_the_score_threshold_and_asks_for_maps():
     assert model.roi_heads.score_thresh == 0.5 and not model.roi_heads.return_overlap_maps
     with pytest.raises(UserError, match="DaCSeg"):
         prepare_model(model, ModelConfig(name="maskrcnn"), score_thresh=0.5, overlap_maps=True)
+
+
+def tiny_model():
+    from network_files import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="resnet18", min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn",
+                         box_detections_per_img=5)
+    model = build_model(config).eval()
+    prepare_model(model, config, score_thresh=0.0)
+    return model
+
+
+def test_bf16_runs_the_backbone_only_and_channels_last_changes_nothing():
+    from train_utils.inference.detect import Speedups, apply_speedups
+
+    model, image = tiny_model(), torch.rand(3, 96, 128)
+    reference = detect(model, [image])[0]
+    dtypes = []
+    model.backbone.body.conv1.register_forward_hook(lambda m, a, out: dtypes.append(("body", out.dtype)))
+    model.roi_heads.box_head.register_forward_hook(lambda m, a, out: dtypes.append(("box head", out.dtype)))
+    fast = detect(apply_speedups(model, Speedups(bf16=True, channels_last=True)), [image])[0]
+    assert dtypes == [("body", torch.bfloat16), ("box head", torch.float32)]
+    assert fast["masks"].dtype == torch.bool and fast["scores"].dtype == torch.float32
+    apply_speedups(model, Speedups(channels_last=True))
+    assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = detect(model, [image])[0]
+    assert torch.allclose(nhwc["boxes"], reference["boxes"], atol=1e-3) and torch.equal(nhwc["labels"], reference["labels"])
+    assert (nhwc["masks"] != reference["masks"]).sum() <= 2 * len(reference["masks"])  # a rounding pixel or so
+    apply_speedups(model, Speedups())
+    assert model.backbone.body.conv1.weight.is_contiguous()
+
+
+def test_no_upscale_runs_an_image_inside_the_size_range_at_its_own_size():
+    from train_utils.inference.detect import Speedups, apply_speedups
+
+    model = tiny_model()
+    sizes = []
+    model.rpn.register_forward_pre_hook(lambda m, args: sizes.append(list(args[0].image_sizes)))
+    small, large = torch.rand(3, 100, 120), torch.rand(3, 300, 400)
+    detect(model, [small])
+    detect(apply_speedups(model, Speedups(no_upscale=True)), [small, large])
+    assert sizes == [[(128, 153)], [(100, 120)], [(120, 160)]]  # enlarged; its own; brought down to max-size 160
+    assert model.transform.min_size == (128,)  # restored

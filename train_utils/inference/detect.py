@@ -6,6 +6,7 @@ few at a time and thresholds them, so a large image with many detections fits in
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -24,9 +25,10 @@ LEVERS = ("bf16", "channels_last", "no_upscale")
 
 @dataclass(frozen=True)
 class Speedups:
-    """Inference levers (``bench/bench_infer.py`` measures each): ``bf16`` runs the network under bfloat16 autocast
-    (fast on CPUs with AVX-512 BF16 / AMX), ``channels_last`` stores activations NHWC, ``no_upscale`` runs an image
-    that already fits the model's size range at its own size instead of enlarging it to ``min_size``."""
+    """Inference levers (``bench/bench_infer.py`` measures each): ``bf16`` runs the backbone (ResNet and FPN, most
+    of the work) under bfloat16 autocast, fast on CPUs with AVX-512 BF16 or AMX, while the RPN and the heads stay in
+    float32; ``channels_last`` stores the backbone's activations NHWC; ``no_upscale`` runs an image that already
+    fits the model's size range at its own size instead of enlarging it to ``min_size``."""
 
     bf16: bool = False
     channels_last: bool = False
@@ -78,13 +80,15 @@ def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: 
     if speedups.no_upscale and len(images) > 1:  # the native scale is each image's own
         return [output for image in images for output in detect(model, [image], mask_thresh, paste_bytes)]
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-    # bf16 only when asked; otherwise the caller's autocast (evaluation under --amp) stays in force
-    precision = torch.autocast(images[0].device.type, dtype=torch.bfloat16) if speedups.bf16 else \
-        contextlib.nullcontext()
-    with _native_scale(model.transform, sizes, speedups.no_upscale), precision:
+    with _native_scale(model.transform, sizes, speedups.no_upscale):
         batch, _ = model.transform(list(images))
         tensors = batch.tensors.to(memory_format=torch.channels_last) if speedups.channels_last else batch.tensors
-        features = model.backbone(tensors)
+        if speedups.bf16:  # only the backbone; without it the caller's autocast (evaluation under --amp) holds
+            with torch.autocast(tensors.device.type, dtype=torch.bfloat16):
+                features = model.backbone(tensors)
+            features = OrderedDict((name, level.float()) for name, level in features.items())
+        else:
+            features = model.backbone(tensors)
         proposals, _ = model.rpn(batch, features)
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     outputs = []

@@ -41,7 +41,7 @@ from network_files.dacseg import OVERLAP_MAP_KEYS
 from train_utils import stain
 from train_utils.cli import check_model_name, expand_inputs
 from train_utils.engine.checkpoint import load_model_from_checkpoint
-from train_utils.inference.detect import detect, prepare_model
+from train_utils.inference.detect import Speedups, apply_speedups, detect, prepare_model
 from train_utils.inference.exported import load_onnx_model
 from train_utils.inference.tta import FlipTTA
 from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
@@ -276,8 +276,10 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if str(args.weights_path).lower().endswith(".onnx"):
-        if args.save_overlap_maps:
-            raise UserError(f"--save-overlap-maps: {args.weights_path} is an exported model, which returns no maps")
+        for flag, used in (("--save-overlap-maps", args.save_overlap_maps), ("--bf16", args.bf16),
+                           ("--no-upscale", args.no_upscale)):
+            if used:
+                raise UserError(f"{flag}: {args.weights_path} is an exported model, which runs as it was exported")
         model, config, checkpoint = load_onnx_model(args.weights_path, args.threads)
         if torch.device(args.device).type != "cpu":
             print(f"note: {args.weights_path} runs with onnxruntime on the CPU, not on {args.device}", file=sys.stderr)
@@ -296,6 +298,8 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     except OSError as exc:
         raise UserError(str(exc)) from None
     prepare_model(model, config, args.score_thresh, overlap_maps=args.save_overlap_maps)
+    apply_speedups(model, Speedups(bf16=args.bf16, channels_last=torch.device(args.device).type == "cpu",
+                                   no_upscale=args.no_upscale))
     if args.tta:
         model = FlipTTA(model, score_thresh=args.score_thresh, mask_thresh=args.mask_thresh).eval()
     polarity = stain.checkpoint_polarity(checkpoint, args.weights_path, args.stain)
