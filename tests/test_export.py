@@ -36,7 +36,7 @@ def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, 
     image = tiny_coco / "images" / "val_001.png"
     assert export.main(["--weights-path", str(checkpoint), "--out", str(onnx_file), "--check-image", str(image)]) == 0
     printed = capsys.readouterr().out
-    assert "checked on the check image: 8 detections" in printed and "checked on 640x448" in printed
+    assert "checked on the check image: 8 detections (" in printed and "checked on 640x448" in printed
     _, config, info = load_onnx_model(onnx_file)
     assert config.name == name and info["label_to_cat_id"] == {"1": 5} and info["stain"]["polarity"] == "bright-on-dark"
 
@@ -74,3 +74,24 @@ def test_predict_refuses_overlap_maps_from_an_exported_model(tiny_coco, tmp_path
     assert predict.main(["--weights-path", str(onnx_file), str(tiny_coco / "images" / "val_001.png"),
                          "--output-dir", str(tmp_path / "p"), "--save-overlap-maps"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --save-overlap-maps: ")
+
+
+def detections(boxes: list[list[float]], scores: list[float]) -> dict[str, torch.Tensor]:
+    count = len(scores)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "scores": torch.tensor(scores),
+            "labels": torch.ones(count, dtype=torch.int64), "masks": torch.full((count, 1, 4, 4), 0.5)}
+
+
+def test_compare_matches_detections_by_box_not_by_order():
+    reference = detections([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], [0.9, 0.8, 0.1])
+    exported = detections([[20, 20, 40, 40.01], [0, 0, 10, 10]], [0.8, 0.9])  # reordered; the 0.1 one is gone
+    differences = export.compare(reference, exported)
+    assert differences["detections"] == 3 and differences["unmatched"] == 1
+    assert differences["boxes"] == pytest.approx(0.01, abs=1e-4) and differences["scores"] == pytest.approx(0.0)
+
+
+def test_compare_refuses_a_missing_confident_detection():
+    reference = detections([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.6])
+    exported = detections([[0, 0, 10, 10], [100, 100, 120, 120]], [0.9, 0.6])  # the 0.6 one moved away
+    with pytest.raises(export.UserError, match=r"misses 1 of PyTorch's detections scoring >= 0.5 .*0\.600"):
+        export.compare(reference, exported)
