@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(exc, "bench_infer.py")
         return 2
     size = "x".join(map(str, images[0].shape[:0:-1]))
-    print(f"# bench_infer: {config.name} ({config.backbone}, {'trained' if args.weights_path else 'untrained'}), "
+    weights = f"weights from {args.weights_path}" if args.weights_path else "untrained"
+    print(f"# bench_infer: {config.name} ({config.backbone}, {weights}), "
           f"{len(images)} image(s) of {size}, min-size {config.min_size}, {args.detections} detections kept, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     timings, stock, agreements = time_levers(args, ours, config, images)
