@@ -21,6 +21,7 @@ shorter budget.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import statistics
@@ -43,7 +44,7 @@ from network_files.config import ModelConfig  # noqa: E402
 from tools.labelme2coco import convert_labelme  # noqa: E402
 from train_utils.engine import loop, schedule  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
-from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
+from train_utils.cli import ArgumentParser, LossWeightsAction, loss_weight_arg, number_arg  # noqa: E402
 from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
 from train_utils.engine.checkpoint import save_checkpoint  # noqa: E402
 from train_utils.engine.setup import seed_everything  # noqa: E402
@@ -69,6 +70,7 @@ class Preset:
     train_images: int | None = None  # the first N train images (None: all)
     amp: bool = False
     overlap_cls_head: str = "conv"
+    loss_weights: tuple[tuple[str, float], ...] = ()  # (loss name, weight) pairs as train.py --loss-weights takes
 
 
 PRESETS = {
@@ -160,7 +162,7 @@ def train_model(model: torch.nn.Module, preset: Preset, train_ds: ChromosomeData
                                               warmup_iters=preset.warmup_iters)
     steps = Steps(loader, probe_steps or total)
     kwargs = dict(lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=10.0,
-                  print_freq=10, show_progress=True)
+                  loss_weights=dict(preset.loss_weights), print_freq=10, show_progress=True)
     loop.train_one_epoch(model, optimizer, steps, device, 0, **kwargs)
     if probe_steps:
         _synchronize(device)
@@ -278,6 +280,10 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=number_arg(int, low=0), default=[0], help="seeds; several print the spread")
     parser.add_argument("--budget-iters", type=number_arg(int, low=1), default=None, help="optimizer steps (overrides the preset)")
     parser.add_argument("--budget-s", type=number_arg(float, 0.0, low_open=True), default=None, help="training seconds (overrides the preset)")
+    parser.add_argument("--overlap-cls-head", choices=("fc", "conv"), default=None,
+                        help="dacseg's overlap classifier (overrides the preset's conv), for ablations")
+    parser.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction, default={},
+                        metavar="NAME=W", help="loss weights as train.py takes them, for ablations (default: 1 each)")
     parser.add_argument("--train-images", type=number_arg(int, low=1), default=None, help="train on the first N images only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=2, help="data-loading processes (default: 2)")
@@ -287,13 +293,23 @@ def get_args_parser() -> ArgumentParser:
     return parser
 
 
+def preset_from_args(args) -> Preset:
+    """``--preset`` with the flags that override it."""
+    overrides: dict[str, Any] = {}
+    if args.budget_iters is not None or args.budget_s is not None:
+        overrides.update(budget_iters=args.budget_iters, budget_s=args.budget_s)
+    if args.train_images is not None:
+        overrides["train_images"] = args.train_images
+    if args.overlap_cls_head is not None:
+        overrides["overlap_cls_head"] = args.overlap_cls_head
+    if args.loss_weights:
+        overrides["loss_weights"] = tuple(sorted(args.loss_weights.items()))
+    return dataclasses.replace(PRESETS[args.preset], **overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    preset = PRESETS[args.preset]
-    if args.budget_iters is not None or args.budget_s is not None:
-        preset = Preset(**{**preset.__dict__, "budget_iters": args.budget_iters, "budget_s": args.budget_s})
-    if args.train_images is not None:
-        preset = Preset(**{**preset.__dict__, "train_images": args.train_images})
+    preset = preset_from_args(args)
     if not args.data_path.is_dir():
         print(f"bench_accuracy.py: error: --data-path {args.data_path}: no such folder", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 the ratios it prints."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -42,6 +43,28 @@ def test_presets_fit_their_hardware_budget():
     assert cpu.budget_iters and cpu.crop_size and not cpu.amp
     assert gpu.budget_s and 3 * gpu.budget_s <= 9 * 60 * 0.8 and gpu.amp and gpu.batch_size == 4
     assert gpu.warmup_iters == 300 and gpu.min_size == 800  # the reference recipe
+
+
+def test_ablation_flags_override_the_preset_and_bad_ones_are_one_line(capsys):
+    args = bench.get_args_parser().parse_args(["--overlap-cls-head", "fc", "--loss-weights", "loss_overlap=0.25",
+                                               "loss_mask=2", "--budget-iters", "20"])
+    preset = bench.preset_from_args(args)
+    assert preset.overlap_cls_head == "fc" and preset.budget_iters == 20
+    assert preset.loss_weights == (("loss_mask", 2.0), ("loss_overlap", 0.25))
+    assert bench.preset_from_args(bench.get_args_parser().parse_args([])) == bench.PRESETS["cpu"]
+    with pytest.raises(SystemExit):
+        bench.get_args_parser().parse_args(["--loss-weights", "loss_nope=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown loss 'loss_nope'" in err[0]
+
+
+def test_the_preset_loss_weights_reach_the_training_loop(tiny_coco, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench.loop, "train_one_epoch", lambda *args, **kwargs: seen.update(kwargs))
+    preset = dataclasses.replace(bench.PRESETS["cpu"], budget_iters=1, loss_weights=(("loss_overlap", 0.25),))
+    dataset = ChromosomeDataset(tiny_coco, "train")
+    bench.train_model(torch.nn.Linear(1, 1), preset, dataset, torch.device("cpu"), seed=0, workers=0)
+    assert seen["loss_weights"] == {"loss_overlap": 0.25} and seen["clip_grad_norm"] == 10.0
 
 
 def test_crops_keep_whole_masks_and_tight_boxes(tiny_coco):

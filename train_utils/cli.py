@@ -90,7 +90,7 @@ def loss_weight_arg(text: str) -> tuple[str, float]:
     return name, weight
 
 
-class _LossWeightsAction(argparse.Action):
+class LossWeightsAction(argparse.Action):
     """Collects ``name=value`` pairs into a dict (later ones win)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
@@ -192,7 +192,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="DaCSeg overlap classifier: fc as published (~52 M parameters) or a small conv head "
                             "(default: %(default)s)")
     add_min_overlap_area_arg(group, training=True)
-    group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=_LossWeightsAction, default={},
+    group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction, default={},
                        metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "
                                               "each)")
     group.add_argument("--pretrained", default=None, metavar="WEIGHTS",
