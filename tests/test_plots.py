@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from train_utils.outputs import plots
@@ -27,7 +28,7 @@ def _is_png(path, size=(800, 500)):
 def test_plot_all_writes_both_pngs(tmp_path):
     paths = plots.plot_all(_records(), tmp_path / "out")
     assert [p.name for p in paths] == [plots.LOSS_AND_LR_PNG, plots.MAP_PNG]
-    assert all(_is_png(p) for p in paths)
+    assert _is_png(paths[0], (800, 600)) and _is_png(paths[1])
     assert not list((tmp_path / "out").glob("*.tmp*"))
 
 
@@ -60,10 +61,23 @@ def test_plots_without_evaluation_or_records(tmp_path):
     empty = plots.map_figure(no_eval).axes[0]
     assert _lines(empty) == {} and [t.get_text() for t in empty.texts] == ["no evaluation yet"]
     assert _is_png(plots.plot_map(no_eval, tmp_path / "m.png"))
-    assert _is_png(plots.plot_loss_and_lr([], tmp_path / "l.png"))
+    assert _is_png(plots.plot_loss_and_lr([], tmp_path / "l.png"), (800, 600))
 
 
 def test_epoch_ticks_are_integers_and_thinned():
     assert plots._epoch_ticks([0, 1, 2]) == [0, 1, 2]
     ticks = plots._epoch_ticks(list(range(100)))
     assert len(ticks) <= 15 and ticks[0] == 0 and all(isinstance(t, int) for t in ticks)
+
+
+def test_loss_legend_sits_below_the_axes_where_it_hides_no_curve():
+    records = [{**r, "loss_overlap": 0.5, "loss_overlap_edge": 0.4} for r in _records()]
+    fig = plots.loss_and_lr_figure(records)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert {t.get_text() for t in legend.get_texts()} >= {"loss (total)", "loss_overlap", "learning rate"}
+    renderer = canvas.get_renderer()
+    legend_box, axes_box = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend_box.y1 < axes_box.y0 and legend_box.y0 >= 0  # under the plot, inside the figure

@@ -27,7 +27,7 @@ def loss_and_lr_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
     learning rate on a second axis."""
     records = sorted((r for r in records if r.get("loss") is not None), key=lambda r: r["epoch"])
     epochs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(8, 6))
     ax = fig.add_subplot()
     ax.plot(epochs, [r["loss"] for r in records], "o-", color="tab:red", linewidth=2, label="loss (total)")
     terms = sorted({k for r in records for k in r if k.startswith("loss_")})
@@ -44,7 +44,9 @@ def loss_and_lr_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
     lr_ax.set_ylabel("learning rate")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize="small", loc="upper right")
+    # below the axes, where it cannot hide a curve (a DaCSeg run has twelve entries)
+    ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4,
+              frameon=False)
     ax.set_title("Training loss and learning rate")
     if epochs:
         ax.set_xticks(_epoch_ticks(epochs))
