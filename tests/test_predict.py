@@ -16,6 +16,7 @@ from errors import UserError
 from network_files import ModelConfig, build_model
 from train_utils.engine.checkpoint import save_checkpoint
 from train_utils.inference.detect import paste_detections
+from train_utils.jobs import predict as jobs_predict
 from train_utils.jobs.predict import is_out_of_memory, label_maps, output_stems, overlap_map_images, overlay
 from train_utils.outputs.visualize import OVERLAP_COLOR
 
@@ -274,6 +275,41 @@ def test_overlay_outlines_only_detections_predicted_overlapping():
     assert not np.all(maskrcnn == OVERLAP_COLOR, axis=-1).any()
     empty = overlay(image, first(hand_output([0.9, 0.9, 0.9]), 0), names, title="none")
     assert empty.width >= W
+
+
+@pytest.mark.parametrize("labels, boxes, captions", [
+    ("full", True, ["1: chromosome 0.90", "2: chromosome 0.60", "3: marker 0.30"]),
+    ("numbers", False, ["1", "2", "3"]),
+    ("none", False, None),
+])
+def test_overlay_labels_choose_what_is_written_over_the_masks(labels, boxes, captions, monkeypatch):
+    drawn = {}
+
+    def fake_draw(image, masks, boxes, captions, overlapping, title=None):
+        drawn.update(boxes=boxes, captions=captions, masks=masks, overlapping=overlapping)
+        return Image.new("RGB", (W, H))
+
+    monkeypatch.setattr(jobs_predict, "draw_instances", fake_draw)
+    overlay(torch.zeros(3, H, W), hand_output([0.9, 0.2, 0.1]), {1: "chromosome", 2: "marker"}, labels=labels)
+    assert (drawn["boxes"] is not None) == boxes and drawn["captions"] == captions
+    assert drawn["masks"].shape == (3, H, W) and drawn["overlapping"].tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="unknown overlay labels 'boxes'"):
+        overlay(torch.zeros(3, H, W), hand_output(), {1: "chromosome"}, labels="boxes")
+
+
+def test_overlay_labels_flag_reaches_the_pictures(tiny_coco, maskrcnn_ckpt, tmp_path, monkeypatch):
+    drawn = []
+    real_draw = jobs_predict.draw_instances
+
+    def spy(image, masks, boxes, captions, overlapping, title=None):
+        drawn.append((boxes, captions))
+        return real_draw(image, masks, boxes, captions, overlapping, title=title)
+
+    monkeypatch.setattr(jobs_predict, "draw_instances", spy)
+    image = tiny_coco / "images" / "val_001.png"
+    assert run(maskrcnn_ckpt, tmp_path / "out", image, extra=("--overlay-labels", "numbers")) == 0
+    assert len(drawn) == 1 and drawn[0][0] is None and drawn[0][1] == ["1", "2", "3"]
+    assert (tmp_path / "out" / f"{image.stem}_pred.png").is_file()
 
 
 def test_overlap_maps_are_grey_pictures_of_the_maximum():

@@ -22,6 +22,7 @@ from errors import UserError, one_line
 from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS, ModelConfig
 from overlaps import MIN_OVERLAP_AREA
 from train_utils.outputs.crops import CROP_BACKGROUNDS
+from train_utils.outputs.visualize import OVERLAY_LABELS
 from train_utils.stain import STAIN_MODES
 from transforms import PRESETS
 
@@ -411,6 +412,10 @@ def get_predict_parser() -> ArgumentParser:
                         help='class names {"1": "chromosome", ...} (default: the names stored in the checkpoint)')
     parser.add_argument("--overlap-thresh", type=number_arg(float, 0.0, 1.0), default=0.5, metavar="P",
                         help="DaCSeg: outline detections whose overlap score is at least P (default: %(default)s)")
+    parser.add_argument("--overlay-labels", choices=OVERLAY_LABELS, default="full",
+                        help="what the overlay PNG writes over the masks: full (boxes and 'number: score' captions), "
+                             "numbers (the numbers alone, as the crops are numbered, no boxes) or none (default: "
+                             "%(default)s)")
     parser.add_argument("--save-overlap-maps", action="store_true",
                         help="DaCSeg: also write each image's four overlap probability maps as grey PNGs")
     parser.add_argument("--tta", action="store_true",

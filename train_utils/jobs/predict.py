@@ -53,7 +53,7 @@ from train_utils.outputs.predictions import (
     PredictionsWriter,
     outputs_to_coco_results,
 )
-from train_utils.outputs.visualize import draw_instances
+from train_utils.outputs.visualize import OVERLAY_LABELS, draw_instances
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
@@ -122,19 +122,26 @@ def overlay(
     overlap_thresh: float = 0.5,
     title: str | None = None,
     mask_thresh: float = 0.5,
+    labels: str = "full",
 ) -> Image.Image:
-    """The prediction picture: masks, boxes, captions ``<number>: <score>`` (numbered from 1 in score order, as the
-    karyotype crops), overlapping instances outlined."""
+    """The prediction picture: masks and overlapping instances outlined, with ``labels`` (``OVERLAY_LABELS``):
+    ``full`` boxes and captions ``<number>: <score>`` (numbered from 1 in score order, as the karyotype crops),
+    ``numbers`` the numbers alone without boxes, ``none`` the masks alone."""
+    if labels not in OVERLAY_LABELS:
+        raise ValueError(f"unknown overlay labels {labels!r}; choose one of {', '.join(OVERLAY_LABELS)}")
     scores = output["scores"].tolist()
-    labels = output["labels"].tolist()
-    if len(label_names) > 1:
-        captions = [f"{k}: {label_names.get(int(lab), lab)} {s:.2f}" for k, (lab, s) in enumerate(zip(labels, scores), 1)]
+    classes = output["labels"].tolist()
+    if labels == "numbers":
+        captions = [str(k) for k in range(1, len(scores) + 1)]
+    elif len(label_names) > 1:
+        captions = [f"{k}: {label_names.get(int(c), c)} {s:.2f}" for k, (c, s) in enumerate(zip(classes, scores), 1)]
     else:
         captions = [f"{k}: {s:.2f}" for k, s in enumerate(scores, 1)]
     masks = output["masks"][:, 0]
     masks = masks if masks.dtype == torch.bool else masks > mask_thresh
     overlapping = overlapping_detections(output, overlap_thresh)
-    return draw_instances(image, masks, output["boxes"], captions, overlapping, title=title)
+    boxes = output["boxes"] if labels == "full" else None
+    return draw_instances(image, masks, boxes, captions if labels != "none" else None, overlapping, title=title)
 
 
 def overlap_map_images(output: Mapping[str, torch.Tensor]) -> dict[str, Image.Image]:
@@ -173,6 +180,7 @@ class PredictOptions:
     stain_mode: str = "as-is"
     model_polarity: str | None = None  # the checkpoint's (``train_utils.stain``)
     crops: CropOptions | None = None
+    overlay_labels: str = "full"  # ``overlay``'s ``labels``
 
 
 @dataclass
@@ -208,8 +216,8 @@ def _predict_one(model, path: Path, image: torch.Tensor, image_id: int, stem: st
     counts = f"{num} detection{'s' if num != 1 else ''}"
     counts += f", {num_overlapping} overlapping" if overlapping is not None else ""
     counts += " (inverted for the model)" if inverted else ""
-    overlay(image, output, label_names, options.overlap_thresh, f"{path.name}: {counts}",
-            options.mask_thresh).save(output_dir / f"{stem}_pred.png")
+    overlay(image, output, label_names, options.overlap_thresh, f"{path.name}: {counts}", options.mask_thresh,
+            options.overlay_labels).save(output_dir / f"{stem}_pred.png")
     if options.save_overlap_maps:
         for key, grey in overlap_map_images(output).items():
             grey.save(output_dir / f"{stem}_{key}.png")
@@ -305,5 +313,6 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     polarity = stain.checkpoint_polarity(checkpoint, args.weights_path, args.stain)
     crops = None if args.crops is None else CropOptions(Path(args.crops), args.crop_background, args.crop_margin,
                                                         args.crop_height)
-    options = PredictOptions(args.overlap_thresh, args.mask_thresh, args.save_overlap_maps, args.stain, polarity, crops)
+    options = PredictOptions(args.overlap_thresh, args.mask_thresh, args.save_overlap_maps, args.stain, polarity, crops,
+                             args.overlay_labels)
     return predict_files(model, paths, args.output_dir, label_names, label_to_cat_id, args.device, options), len(paths)

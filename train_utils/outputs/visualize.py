@@ -25,6 +25,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 80, 200), (224, 160, 96), (0, 144, 96), (160, 160, 255), (107, 63, 160), (212, 255, 128),
 )
 OVERLAP_COLOR = (255, 0, 40)
+OVERLAY_LABELS = ("full", "numbers", "none")  # what predict.py writes over the masks: boxes and captions, numbers, none
 FONT_PATH = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
 
 
