@@ -3,7 +3,8 @@
     python validation.py --weights-path save_weights/best.pth --data-path data --split val --output-dir save_weights
     python validation.py --results-json predictions/predictions.json --data-path data --split val --output-dir out
 
-The model is rebuilt from the checkpoint alone; see ``train_utils/jobs/validate.py`` and ``train_utils/outputs/record.py``.
+The model is rebuilt from the checkpoint alone; see ``train_utils/jobs/validate.py`` and
+``train_utils/outputs/record.py``.
 """
 from __future__ import annotations
 

@@ -282,8 +282,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--budget-s", type=number_arg(float, 0.0, low_open=True), default=None, help="training seconds (overrides the preset)")
     parser.add_argument("--overlap-cls-head", choices=("fc", "conv"), default=None,
                         help="dacseg's overlap classifier (overrides the preset's conv), for ablations")
-    parser.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction, default={},
-                        metavar="NAME=W", help="loss weights as train.py takes them, for ablations (default: 1 each)")
+    parser.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction,
+                        default={}, metavar="NAME=W", help="loss weights as train.py takes them, for ablations (default: 1 each)")
     parser.add_argument("--train-images", type=number_arg(int, low=1), default=None, help="train on the first N images only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=2, help="data-loading processes (default: 2)")

@@ -13,8 +13,8 @@ round, and each configuration's time is the median over ``--repeats`` rounds of 
 
 Each lever set is also compared with our plain float32 path on the same images: how many of the detections scoring
 at least ``--score-thresh`` differ (no twin at mask IoU >= 0.5 on the other side), the lowest and median mask IoU of
-the matched pairs, and how many of those stay below ``--min-iou``. With untrained weights (no ``--weights-path``) the scores are noise and the check says little; give a trained
-checkpoint to judge it. Run by hand on an otherwise idle machine; never from CI or pytest.
+the matched pairs, and how many of those stay below ``--min-iou``. With untrained weights (no ``--weights-path``)
+the scores are noise and the check says little; give a trained checkpoint to judge it. Run by hand on an otherwise idle machine; never from CI or pytest.
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def agreement(reference: dict, output: dict, score_thresh: float) -> tuple[int, 
 
 def time_levers(args, ours, config, images) -> tuple[dict[str, Timing], Timing, dict[str, tuple]]:
     """Per lever set: our seconds per image per round; stock's; and the agreement with our float32 outputs."""
-    stock = stock_model(ours, config) if config.name in ("maskrcnn", "dacseg") else None
+    stock = stock_model(ours, config)
     for model in (ours, stock):
         keep_detections(model, args.detections)
     reference = [predict_image(ours, image, "cpu")[0] for image in images]

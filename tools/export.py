@@ -11,7 +11,8 @@ holds the label names and stain polarity, so ``predict.py --weights-path m.onnx`
 Every export is checked at once: the exported model and the PyTorch model run on a real-size image (``--check-image``,
 or a synthetic metaphase spread of 768x576) and on a second size, and must agree within the stated tolerance:
 every detection scoring at least 0.5 found again (matched by box IoU), and the matched ones' boxes within
-``BOX_TOLERANCE_PX``, scores within ``SCORE_TOLERANCE``, mask probabilities within ``MASK_TOLERANCE``. Exit status 0 when exported and checked, 2 with one line otherwise.
+``BOX_TOLERANCE_PX``, scores within ``SCORE_TOLERANCE``, mask probabilities within ``MASK_TOLERANCE``. Exit status 0
+when exported and checked, 2 with one line otherwise.
 """
 from __future__ import annotations
 

@@ -377,7 +377,8 @@ def get_validation_parser() -> ArgumentParser:
     add_stain_arg(parser)
     add_amp_args(parser)
     parser.add_argument("--tta", action="store_true",
-                        help="test-time flips: score the merge of each image and its three flips (train_utils/inference/tta.py)")
+                        help="test-time flips: score the merge of each image and its three flips "
+                             "(train_utils/inference/tta.py)")
     parser.add_argument("-b", "--batch-size", type=number_arg(int, low=1), default=1, metavar="N",
                         help="images per inference batch (default: %(default)s)")
     parser.add_argument("--num-classes", type=number_arg(int, low=1), default=None, metavar="K",

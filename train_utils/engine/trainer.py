@@ -111,7 +111,8 @@ def _training_job(args, info: DistInfo, device: torch.device, model, config, tra
         if args.tensorboard:  # before the first step: a missing package is a one-line error
             board = TensorBoardLog(args.tensorboard_dir or output_dir / TENSORBOARD_DIR,
                                    purge_step=start_epoch * len(train_loader))
-        write_text_atomic(output_dir / ARGS_JSON, json.dumps({**vars(args), "world_size": info.world_size}, indent=2) + "\n")
+        recorded = {**vars(args), "world_size": info.world_size}
+        write_text_atomic(output_dir / ARGS_JSON, json.dumps(recorded, indent=2) + "\n")
         save_label_json(val_ds.label_names, output_dir / LABELS_JSON)
         log(f"training {config.name} ({config.backbone}, {config.num_classes} class(es)) on {len(train_ds)} images, "
             f"{info.world_size} process(es) x batch {args.batch_size}, epochs {start_epoch}..{args.epochs - 1}, "

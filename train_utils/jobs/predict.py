@@ -249,8 +249,8 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
         for image_id, ((path, reading), stem) in enumerate(zip(progress, stems), start=1):
             try:
                 image = reading.result()
-                entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir, label_names,
-                                                     options)
+                entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir,
+                                                     label_names, options)
                 predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id))
                 if crops_dir is not None:
                     background = crop_background(options.crops.background, entry["polarity"])
