@@ -88,7 +88,8 @@ _DECODE_ERRORS = (OSError, UnidentifiedImageError, RuntimeError, ValueError, Syn
 def _read_tiff(path: Path) -> np.ndarray:
     """The first page of a TIFF through tifffile (Pillow drops the low bits of 16-bit colour and cannot read many
     microscope layouts): ``[H, W]`` or ``[H, W, C]``, channels last whether the file stores them interleaved or as
-    planes; 8-bit in 0..1 by /255, anything else by its own min..max (``_scale_by_range``)."""
+    planes; 8-bit in 0..1 by /255, anything else by its own min..max (``_scale_by_range``). Of two channels the
+    first is used, as grey; of three or more the first three, as RGB (the README states both rules)."""
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE:

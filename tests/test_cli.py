@@ -88,6 +88,8 @@ def test_seed_flag_names():
     (DATA + ["--lr-scheduler", "multistep", "--lr-steps", "9", "3"], "--lr-steps"),
     (DATA + ["--save-every", "0"], "--save-every"),
     (DATA + ["--stain", "sometimes"], "sometimes"),
+    (DATA + ["--accumulate-steps", "0"], "--accumulate-steps"),
+    (DATA + ["--tensorboard-dir", "tb"], "argument --tensorboard-dir: goes with --tensorboard"),
 ])
 def test_bad_flags_give_one_line(capsys, argv, culprit):
     assert culprit in _error_line(capsys, argv)

@@ -107,3 +107,26 @@ def test_predict_writes_upright_crops_a_sheet_and_crops_json(tmp_path, monkeypat
             assert picture.height == entry["length_px"] + 8 and picture.getpixel((0, 0)) == (0, 0, 0)  # Q-band: black
     with Image.open(crops / "cell_sheet.png") as sheet:
         assert sheet.width >= 2 * 20 and sheet.height > 70
+
+
+def test_a_refused_crops_folder_is_one_line_and_leaves_nothing_behind(tiny_coco, tmp_path, capsys):
+    """--crops naming a file (or a folder below one) used to leave an empty --output-dir behind; bad sizes are
+    refused by the parser."""
+    torch.manual_seed(0)
+    config = ModelConfig(backbone="resnet18", min_size=128, max_size=160, trainable_layers=0, norm_layer="frozen_bn")
+    ckpt = tmp_path / "m.pth"
+    save_checkpoint({"model": build_model(config).state_dict(), "model_config": config.to_dict(), "epoch": 0}, ckpt)
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the crops folder should go")
+    out = tmp_path / "p"
+    for crops, says in ((taken, f"--crops {taken} is a file, not a folder"),
+                        (taken / "sub", f"--crops {taken / 'sub'}: cannot write there ({taken} is a file)")):
+        assert predict.main(["--weights-path", str(ckpt), str(tiny_coco / "images" / "val_001.png"), "--output-dir",
+                             str(out), "--device", "cpu", "--crops", str(crops)]) == 2
+        assert capsys.readouterr().err == f"error: {says}\n"
+        assert not out.exists()
+    for flag, value in (("--crop-height", "0"), ("--crop-margin", "-1"), ("--crop-background", "grey")):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(["--weights-path", str(ckpt), "x.png", "--crops", str(out), flag, value])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and f"argument {flag}: " in err, err

@@ -71,9 +71,66 @@ def test_predict_refuses_overlap_maps_from_an_exported_model(tiny_coco, tmp_path
     assert export.main(["--weights-path", str(make_checkpoint(tmp_path / "d.pth", "dacseg")), "--out",
                         str(onnx_file)]) == 0
     capsys.readouterr()
-    assert predict.main(["--weights-path", str(onnx_file), str(tiny_coco / "images" / "val_001.png"),
-                         "--output-dir", str(tmp_path / "p"), "--save-overlap-maps"]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: --save-overlap-maps: ")
+    for flag in ("--save-overlap-maps", "--bf16", "--no-upscale"):  # an exported model runs as it was exported
+        assert predict.main(["--weights-path", str(onnx_file), str(tiny_coco / "images" / "val_001.png"),
+                             "--output-dir", str(tmp_path / "p"), flag]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {flag}: ")
+    assert not (tmp_path / "p").exists()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_bad_out_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out a folder, an ONNX model not named .onnx, a folder that is a file, a missing --check-image: one line,
+    before the checkpoint is even loaded (the export and its check take half a minute on a real model)."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(export, "load_model_from_checkpoint", no_work)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "file").write_text("x")
+    for out, fmt, says in ((tmp_path / "models", "onnx", f"--out {tmp_path / 'models'} is a folder; name the file "
+                                                       f"to write, e.g. {tmp_path / 'models' / 'model.onnx'}"),
+                           (tmp_path / "models", "torch-export", "e.g. " + str(tmp_path / "models" / "model.pt2")),
+                           (tmp_path / "m.bin", "onnx", "name an ONNX model *.onnx"),
+                           (tmp_path / "file" / "m.onnx", "onnx", f"folder {tmp_path / 'file'} is a file, not a "
+                                                                  "folder")):
+        assert export.main(["--weights-path", "m.pth", "--format", fmt, "--out", str(out)]) == 2
+        assert says in _one_line_error(capsys)
+    assert export.main(["--weights-path", "m.pth", "--out", str(tmp_path / "m.onnx"), "--check-image",
+                        str(tmp_path / "gone.png")]) == 2
+    assert _one_line_error(capsys) == f"error: image not found: {tmp_path / 'gone.png'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "models"] and not any((tmp_path / "models").iterdir())
+    with pytest.raises(SystemExit):
+        export.main(["--weights-path", "m.pth", "--out", str(tmp_path / "m.onnx"), "--opset", "10"])
+    assert "--opset: 10 must be >= 11" in capsys.readouterr().err
+
+
+def test_an_onnx_model_that_is_not_one_is_one_line(tiny_coco, tmp_path, capsys):
+    """A corrupt file, a checkpoint renamed .onnx, an ONNX graph tools/export.py did not write, a missing file:
+    predict.py says which in one line and writes nothing."""
+    import onnx
+    import predict
+
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    make_checkpoint(tmp_path / "renamed.onnx", "maskrcnn")
+    node = onnx.helper.make_node("Identity", ["image"], ["boxes"])
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph([node], "foreign", [tensor("image", onnx.TensorProto.FLOAT, [3, None, None])],
+                                   [tensor("boxes", onnx.TensorProto.FLOAT, [3, None, None])])
+    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "foreign.onnx"))
+    image = str(tiny_coco / "images" / "val_001.png")
+    for name, says in (("corrupt.onnx", f"cannot load ONNX model {tmp_path / 'corrupt.onnx'}: "),
+                       ("renamed.onnx", f"cannot load ONNX model {tmp_path / 'renamed.onnx'}: "),
+                       ("foreign.onnx", "foreign.onnx was not exported by tools/export.py"),
+                       ("missing.onnx", f"ONNX model not found: {tmp_path / 'missing.onnx'}")):
+        assert predict.main(["--weights-path", str(tmp_path / name), image, "--output-dir", str(tmp_path / "p")]) == 2
+        assert says in _one_line_error(capsys)
+    assert not (tmp_path / "p").exists()
 
 
 def detections(boxes: list[list[float]], scores: list[float]) -> dict[str, torch.Tensor]:

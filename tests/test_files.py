@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from train_utils.outputs.files import atomic_write, json_list_text, prepare_output_dir
+from train_utils.outputs.files import atomic_write, check_output_dir, json_list_text, prepare_output_dir
 
 
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
@@ -37,6 +37,17 @@ def test_prepare_output_dir_creates_checks_and_names_the_flag(tmp_path):
         prepare_output_dir(tmp_path / "file")
     with pytest.raises(OSError, match=r"^--crops .*file/sub: cannot write there"):
         prepare_output_dir(tmp_path / "file" / "sub", flag="--crops")
+
+
+def test_check_output_dir_refuses_what_prepare_would_and_creates_nothing(tmp_path):
+    assert check_output_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"^--output-dir .*file is a file, not a folder$"):
+        check_output_dir(tmp_path / "file")
+    below_a_file = r"^--crops .*file/sub/deeper: cannot write there \(.*file is a file\)$"
+    with pytest.raises(NotADirectoryError, match=below_a_file):
+        check_output_dir(tmp_path / "file" / "sub" / "deeper", flag="--crops")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_unfinished_checkpoint_writes_are_removed(tmp_path):

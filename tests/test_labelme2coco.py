@@ -176,6 +176,15 @@ def test_bad_inputs_give_one_line_naming_the_culprit(tmp_path, capsys):
     doc = json.loads((tmp_path / "ref.json").read_text())
     (tmp_path / "b64.json").write_text(json.dumps({**doc, "imageData": "@@not base64@@"}))
     assert "b64.json: \"imageData\" is not valid base64" in _error([str(tmp_path / "b64.json"), "--out", out], capsys)
+    not_an_image = base64.b64encode(b"valid base64 of text, not of a picture").decode()
+    (tmp_path / "text.json").write_text(json.dumps({**doc, "imageData": not_an_image}))
+    message = _error([str(tmp_path / "text.json"), "--out", out], capsys)
+    assert f"{tmp_path / 'text.json'}: \"imageData\" is not an image Pillow can read" in message
+    assert "BytesIO" not in message and " at 0x" not in message
+    (tmp_path / "text.png").write_bytes(b"not a picture either")
+    (tmp_path / "ref_text.json").write_text(json.dumps({**doc, "imagePath": "text.png"}))
+    message = _error([str(tmp_path / "ref_text.json"), "--out", out], capsys)
+    assert f"ref_text.json: its image {tmp_path / 'text.png'} is not an image Pillow can read" in message
 
     write_labelme(tmp_path / "size.json", [], size=(W, H))
     doc = json.loads((tmp_path / "size.json").read_text())

@@ -462,6 +462,21 @@ def test_read_image_12_bit_grey_tiff_and_palette_tiff(tmp_path):
     assert read_image(tmp_path / "palette.tif")[:, 0, 1].tolist() == [1, 1, 0]
 
 
+@pytest.mark.parametrize("planar", [True, False])
+def test_a_tiff_of_many_channels_uses_its_first_three_and_one_of_two_its_first(tmp_path, planar):
+    """The rule the README states next to the 2-channel one: 5 fluorescence channels become the RGB of the first
+    three (the model sees three), 2 become the first as grey."""
+    import tifffile
+
+    planes = np.stack([np.full((2, 3), 10 * (k + 1), dtype=np.uint8) for k in range(5)])
+    for count in (5, 2):
+        path = tmp_path / f"c{count}.tif"
+        data = planes[:count] if planar else np.moveaxis(planes[:count], 0, -1)
+        tifffile.imwrite(path, data, photometric="minisblack", planarconfig="separate" if planar else "contig")
+        expected = [10, 20, 30] if count == 5 else [10, 10, 10]
+        assert read_image(path).mul(255).round()[:, 1, 2].tolist() == expected and image_size(path) == (3, 2)
+
+
 def test_read_image_grey_and_multi_page_tiff(tmp_path):
     first = Image.fromarray(np.full((4, 5), 60, dtype=np.uint8))
     second = Image.fromarray(np.full((4, 5), 250, dtype=np.uint8))

@@ -24,6 +24,7 @@ from train_utils.engine.setup import match_stain
 from train_utils.stain import (
     BRIGHT_ON_DARK,
     DARK_ON_BRIGHT,
+    checkpoint_polarity,
     detect_polarity,
     images_to_invert,
     majority,
@@ -89,6 +90,25 @@ def test_majority_and_which_images_are_inverted():
     assert images_to_invert(looks, None, "invert") == {1, 2}
     with pytest.raises(ValueError, match="unknown --stain mode 'sometimes'"):
         needs_inversion(BRIGHT_ON_DARK, BRIGHT_ON_DARK, "sometimes")
+
+
+def test_a_recorded_polarity_that_is_no_polarity_is_refused_and_an_unknown_mode_in_every_parser(capsys):
+    """A hand-edited polarity would have inverted every image (it equals neither look); an unknown --stain is
+    one line in every script's parser."""
+    from errors import UserError
+    from train_utils import cli
+
+    assert checkpoint_polarity({"stain": {"polarity": DARK_ON_BRIGHT}}, "m.pth", "auto") == DARK_ON_BRIGHT
+    with pytest.raises(UserError, match=r"^m\.onnx records the stain polarity 'bright', which is neither "):
+        checkpoint_polarity({"stain": {"polarity": "bright"}}, "m.onnx", "as-is")
+    for parse, argv in ((cli.parse_args, ["--data-path", "D"]),
+                        (cli.parse_validation_args, ["--weights-path", "m.pth", "--data-path", "D"]),
+                        (cli.parse_predict_args, ["--weights-path", "m.pth", "x.png"])):
+        with pytest.raises(SystemExit) as exit_info:
+            parse([*argv, "--stain", "sometimes"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert "argument --stain: invalid choice: 'sometimes'" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """--tensorboard: the loss terms, lr and validation record read back from the event files, and one line without
-the package."""
+the package or where the log folder cannot be."""
 from __future__ import annotations
 
 import shutil
@@ -60,7 +60,30 @@ def test_without_the_package_it_is_one_line_before_training(tiny_coco, tmp_path,
     assert train.main(tiny_args(tiny_coco, out, "--epochs", "1", "--tensorboard")) == 2
     err = capsys.readouterr().err
     assert err == "error: --tensorboard needs the tensorboard package: pip install tensorboard\n"
-    assert not (out / "model_0.pth").exists()
+    assert not out.exists()  # refused before anything was created
+
+
+def test_a_file_where_the_log_goes_is_one_line_before_anything_is_read_or_created(tiny_coco, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """tensorboard's own FileExistsError came after the data checks and left an empty --output-dir behind."""
+    pytest.importorskip("tensorboard")
+    from train_utils.engine import setup
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started before its output folders were checked")
+
+    monkeypatch.setattr(setup, "prepare", no_work)
+    taken = tmp_path / "events"
+    taken.write_text("a file")
+    out = tmp_path / "run"
+    assert train.main(tiny_args(tiny_coco, out, "--tensorboard", "--tensorboard-dir", str(taken))) == 2
+    assert capsys.readouterr().err == f"error: --tensorboard-dir {taken} is a file, not a folder\n"
+    assert not out.exists()
+    out.mkdir()
+    (out / "tensorboard").write_text("a file where the default log folder goes")
+    assert train.main(tiny_args(tiny_coco, out, "--tensorboard")) == 2
+    assert capsys.readouterr().err == f"error: --tensorboard {out / 'tensorboard'} is a file, not a folder\n"
+    assert [p.name for p in out.iterdir()] == ["tensorboard"]
 
 
 def test_record_scalars_are_flat_numbers():

@@ -3,6 +3,7 @@ a non-finite loss, and one-line errors."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import shutil
@@ -158,6 +159,38 @@ def test_default_lr_scales_with_the_total_batch_and_accumulation(tiny_coco, tmp_
     assert record["optimizer_steps"] == 2
     args = json.loads((out / "args.json").read_text())
     assert args["lr"] == 0.01 and args["warmup_iters"] == 1 and args["clip_grad_norm"] == 10.0
+
+
+def test_accumulation_beyond_an_epoch_is_clamped_and_the_lr_follows_the_batch_that_runs(tiny_coco, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """-b 2 --accumulate-steps 50 on 4 images: the lr was scaled to 100 images while each optimizer step summed the
+    epoch's 4 (a group never spans epochs), and the loss diverged (14.9, 14.6, 1236.6). The lr must be the one for
+    the images a step really sums, and the warmup half of the optimizer steps the run really has."""
+    from train_utils.engine import loop
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def first_epoch(model, optimizer, data_loader, device, epoch, *, accumulate_steps, **kwargs):
+        group = list(itertools.islice(iter(data_loader), accumulate_steps))
+        seen.update(images_per_step=sum(len(images) for images, _ in group), lr=optimizer.param_groups[0]["initial_lr"])
+        raise Stop
+
+    monkeypatch.setattr(loop, "train_one_epoch", first_epoch)
+    out = tmp_path / "accumulate"
+    argv = tiny_args(tiny_coco, out, "--epochs", "4", "--accumulate-steps", "50")
+    del argv[argv.index("--lr"):argv.index("--lr") + 2]
+    with pytest.raises(Stop):
+        train.main(argv)
+    assert seen == {"images_per_step": 4, "lr": schedule.scaled_lr(4)}
+    said = capsys.readouterr().out
+    assert "note: --accumulate-steps 50 is more than the 2 batch(es) an epoch has" in said
+    assert "scaled to a total batch of 4 (1 process(es) x -b 2 x --accumulate-steps 2)" in said
+    args = json.loads((out / "args.json").read_text())
+    assert (args["accumulate_steps"], args["lr"]) == (2, 0.02)
+    assert args["warmup_iters"] == schedule.default_warmup_iters(4) == 2  # 4 epochs of one optimizer step
 
 
 def test_test_only_evaluates_a_checkpoint(run_two_epochs, tiny_coco, tmp_path, capsys):

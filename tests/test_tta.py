@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -55,6 +56,18 @@ def test_matched_views_average_and_a_lone_detection_keeps_a_quarter():
     assert len(kept["scores"]) == 1  # the lone detection's 0.225 is below the threshold
 
 
+def test_the_merge_keeps_at_most_the_detections_asked_for_best_first():
+    """Four views of different detections merge into up to 4x the model's --detections-per-img (392 of 98 seen at
+    score 0); the cap keeps the flag's value, the best merged scores."""
+    views = [detection([5 + 12 * k, 5, 15 + 12 * k, 30], 0.9 - 0.1 * k) for k in range(4)]
+    assert len(merge_views(views)["scores"]) == 4
+    capped = merge_views(views, max_detections=2)
+    assert capped["scores"].tolist() == pytest.approx([0.9 / 4, 0.8 / 4]) and capped["masks"].shape == (2, 1, H, W)
+    assert capped["boxes"][:, 0].tolist() == [5, 17]
+    exported = types.SimpleNamespace(config=ModelConfig(box_detections_per_img=7))  # an ONNX model has no roi_heads
+    assert FlipTTA(exported).max_detections == 7 and FlipTTA(exported, max_detections=3).max_detections == 3
+
+
 def test_two_crossing_chromosomes_stay_two():
     horizontal, vertical = detection([5, 15, 55, 22], 0.9), detection([28, 2, 35, 38], 0.85)
     merged = merge_views([concat(horizontal, vertical)] * 4)
@@ -84,8 +97,21 @@ def test_flip_tta_wraps_a_real_detector(checkpoint):
         plain = model([image])[0]
     assert out["masks"].shape[1:] == (1, 96, 128) and len(out["scores"]) >= 1
     assert out["scores"].max() <= plain["scores"].max() + 1e-6  # a mean over views never beats the best view
+    assert len(plain["scores"]) == len(out["scores"]) == 5  # --detections-per-img 5: no more with flips
+    assert out["scores"].tolist() == sorted(out["scores"].tolist(), reverse=True)
     with pytest.raises(RuntimeError, match="inference"):
         tta.train()([image])
+
+
+def test_tta_is_refused_where_it_cannot_apply(capsys):
+    for main, argv, says in ((validation.main, ["--results-json", "r.json", "--data-path", "D"],
+                              "argument --tta: goes with --weights-path"),
+                             (predict.main, ["--weights-path", "m.pth", "x.png", "--save-overlap-maps"],
+                              "argument --tta: not with --save-overlap-maps")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--tta"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and says in err, err
 
 
 def test_tta_flags(tiny_coco, checkpoint, tmp_path, capsys):
@@ -96,7 +122,3 @@ def test_tta_flags(tiny_coco, checkpoint, tmp_path, capsys):
     assert validation.main(["--weights-path", str(checkpoint), "--data-path", str(tiny_coco), "--device", "cpu",
                             "-j", "0", "--output-dir", str(tmp_path / "val"), "--tta"]) == 0
     assert json.loads((tmp_path / "val" / "record_mAP.json").read_text())["tta"] is True
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        predict.main(["--weights-path", str(checkpoint), "x.png", "--tta", "--save-overlap-maps"])
-    assert "argument --tta: not with --save-overlap-maps" in capsys.readouterr().err

@@ -159,6 +159,11 @@ def test_bad_inputs_give_one_line(tiny_coco, checkpoint, tmp_path, capsys):
     assert rc == 2 and "--model dacseg" in one_error_line(err) and "holds a maskrcnn model" in err
     assert not (tmp_path / "out").exists()  # nothing written on error
 
+    (tmp_path / "taken").write_text("a file where the record folder should go")
+    rc, _, err = run_main(capsys, "--weights-path", tmp_path / "missing.pth", "--data-path", tmp_path / "nowhere",
+                          "--output-dir", tmp_path / "taken", "--tta")  # refused before anything is read or scored
+    assert rc == 2 and one_error_line(err) == f"error: --output-dir {tmp_path / 'taken'} is a file, not a folder"
+
     with pytest.raises(SystemExit) as exc:  # neither source given
         validation.main(["--data-path", str(tiny_coco)])
     assert exc.value.code == 2 and "--weights-path" in one_error_line(capsys.readouterr().err)

@@ -167,6 +167,10 @@ def test_bad_inputs_give_one_line_naming_the_culprit(tmp_path, capsys):
     xml_path.write_text(CVAT_XML.replace(f'width="{W}" height="{H}">\n    <polygon', f'width="{W + 1}" height="{H}">'
                                          "\n    <polygon", 1))
     assert f"is {W}x{H} but the annotation says {W + 1}x{H}" in _error([str(xml_path), "--out", out], capsys)
+    xml_path.write_text(CVAT_XML)
+    (xml_path.parent / "m2.png").write_text("text, not a picture")
+    message = _error([str(xml_path), "--out", out], capsys)
+    assert message.endswith(f"{xml_path.parent / 'm2.png'} is not an image Pillow can read (PNG, JPEG, TIFF, BMP, ...)")
 
     voc = make_voc(tmp_path / "voc")
     (voc / "JPEGImages" / "2007_000001.jpg").unlink()

@@ -39,8 +39,10 @@ from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from train_utils.inference.exported import CHECKPOINT_KEYS, INPUT_NAME, METADATA_KEY, load_onnx_model  # noqa: E402
 from train_utils.inference.exported import output_names  # noqa: E402
+from train_utils.outputs.files import check_output_dir  # noqa: E402
 
 FORMATS = ("onnx", "torch-export")
+SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
 BOX_TOLERANCE_PX = 0.05
 SCORE_TOLERANCE = 1e-3
 MASK_TOLERANCE = 1e-2  # mask probability; the 0.5-thresholded masks then agree but for a pixel or so per edge
@@ -166,12 +168,27 @@ def export_torch(model: torch.nn.Module, config: ModelConfig, example: torch.Ten
     return lambda image: loaded([image])[0]
 
 
+def check_out(out: Path, fmt: str) -> None:
+    """Refuse, before any work, an ``--out`` that cannot become the exported file: a folder, an ONNX model not
+    named ``.onnx`` (``predict.py`` knows exported models by it), or a place that cannot be written."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. {out / ('model' + SUFFIXES[fmt])}")
+    if fmt == "onnx" and out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: name an ONNX model *.onnx (predict.py recognises exported models by it)")
+    try:
+        check_output_dir(out.parent, f"--out {out}: folder")
+    except OSError as exc:
+        raise UserError(str(exc)) from None
+
+
 def export(weights_path: str, fmt: str, out: Path, image_path: str | None = None, opset: int = 17
            ) -> list[dict[str, float]]:
     """Export the checkpoint's model to ``out`` and check it (see the module docstring); returns the differences.
-    ``out`` is written only once the check passed (the export goes to ``<out>.tmp`` first)."""
-    model, config, checkpoint = load_model_from_checkpoint(weights_path, "cpu")
+    ``out``, the check image and the checkpoint are checked before any work; ``out`` is written only once the
+    check passed (the export goes to ``<out>.tmp`` first)."""
+    check_out(out, fmt)
     image = check_image(image_path)
+    model, config, checkpoint = load_model_from_checkpoint(weights_path, "cpu")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -195,7 +212,8 @@ def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights-path", required=True, metavar="CKPT", help="checkpoint written by train.py")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="what to export to (default: %(default)s)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the exported model's file")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the exported model's file (*.onnx for --format onnx); an existing file is replaced")
     parser.add_argument("--check-image", default=None, metavar="IMAGE",
                         help="image the export is checked on (default: a synthetic 768x576 spread)")
     parser.add_argument("--opset", type=number_arg(int, low=11), default=17, help="ONNX opset (default: %(default)s)")

@@ -81,11 +81,14 @@ def parse_labels(text: str | None) -> list[str] | None:
 
 
 def image_size(data: bytes, source: str) -> tuple[str, int, int]:
-    """Format, width and height of encoded image bytes (header only); DatasetError naming ``source``."""
+    """Format, width and height of encoded image bytes (header only); DatasetError naming ``source`` (the file, or
+    the JSON file and its field), never the in-memory buffer Pillow was given."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.format or "", img.width, img.height
-    except (OSError, UnidentifiedImageError) as exc:
+    except UnidentifiedImageError:
+        raise DatasetError(f"{source} is not an image Pillow can read (PNG, JPEG, TIFF, BMP, ...)") from None
+    except OSError as exc:
         raise DatasetError(f"cannot read image {source}: {one_line(exc)}") from None
 
 
@@ -140,9 +143,11 @@ class CocoBuilder:
         return name
 
     def add_image(self, data: bytes, stem: str, source: str, suffix: str | None = None,
-                  expected_size: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
-        """Store encoded image bytes and add their COCO image entry; ``expected_size`` is (width, height) or None."""
-        fmt, width, height = image_size(data, source)
+                  expected_size: tuple[int | None, int | None] = (None, None),
+                  data_source: str | None = None) -> dict[str, Any]:
+        """Store encoded image bytes and add their COCO image entry; ``expected_size`` is (width, height) or None;
+        ``data_source`` names where the bytes came from in an error (default ``source``)."""
+        fmt, width, height = image_size(data, data_source or source)
         exp_w, exp_h = expected_size
         if (exp_w is not None and exp_w != width) or (exp_h is not None and exp_h != height):
             raise DatasetError(f"{source}: the image is {width}x{height} but the annotation says {exp_w}x{exp_h}")
@@ -206,13 +211,14 @@ def _read_labelme(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _labelme_image_bytes(doc: dict[str, Any], path: Path) -> tuple[bytes, str]:
-    """The image's bytes (embedded ``imageData`` or the ``imagePath`` file) and its file suffix."""
+def _labelme_image_bytes(doc: dict[str, Any], path: Path) -> tuple[bytes, str, str]:
+    """The image's bytes (embedded ``imageData`` or the ``imagePath`` file), its file suffix, and where the bytes
+    came from, for an error message."""
     image_path = doc.get("imagePath") or ""
     suffix = Path(image_path).suffix.lower() or None
     if doc.get("imageData"):
         try:
-            return base64.b64decode(doc["imageData"], validate=True), suffix
+            return base64.b64decode(doc["imageData"], validate=True), suffix, f"{path}: \"imageData\""
         except (binascii.Error, ValueError, TypeError):
             raise DatasetError(f"{path}: \"imageData\" is not valid base64") from None
     if not image_path:
@@ -220,7 +226,7 @@ def _labelme_image_bytes(doc: dict[str, Any], path: Path) -> tuple[bytes, str]:
     source = path.parent / image_path
     if not source.is_file():
         raise DatasetError(f"{path}: no \"imageData\" and its image {source} is not found")
-    return source.read_bytes(), suffix
+    return source.read_bytes(), suffix, f"{path}: its image {source}"
 
 
 def _labelme_polygon(shape: dict[str, Any], path: Path) -> list[float]:
@@ -235,9 +241,9 @@ def _labelme_polygon(shape: dict[str, Any], path: Path) -> list[float]:
 def add_labelme_file(builder: CocoBuilder, path: Path) -> None:
     """Add one labelme JSON's image and its polygon shapes to ``builder``."""
     doc = _read_labelme(path)
-    data, suffix = _labelme_image_bytes(doc, path)
+    data, suffix, data_source = _labelme_image_bytes(doc, path)
     image = builder.add_image(data, path.stem, str(path), suffix,
-                              expected_size=(doc.get("imageWidth"), doc.get("imageHeight")))
+                              expected_size=(doc.get("imageWidth"), doc.get("imageHeight")), data_source=data_source)
     groups: dict[tuple[str, Any], list[list[float]]] = defaultdict(list)
     for k, shape in enumerate(doc["shapes"]):
         if not isinstance(shape, dict):

@@ -325,6 +325,8 @@ def parse_args(
         parser.error("--test-only needs weights: give --resume CKPT or --pretrained WEIGHTS")
     if args.lr_scheduler == "multistep" and sorted(args.lr_steps) != list(args.lr_steps):
         parser.error(f"--lr-steps must increase, got {' '.join(map(str, args.lr_steps))}")
+    if args.tensorboard_dir is not None and not args.tensorboard:
+        parser.error("argument --tensorboard-dir: goes with --tensorboard (add it to log for TensorBoard)")
     return args
 
 

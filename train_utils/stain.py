@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from errors import UserError
 from my_dataset_chromosome import ChromosomeDataset, read_image
 
 BRIGHT_ON_DARK = "bright-on-dark"
@@ -92,8 +93,11 @@ def dataset_polarities(dataset: ChromosomeDataset, show_progress: bool = True) -
 def checkpoint_polarity(checkpoint: Mapping, path: object, mode: str, announce: bool = True) -> str | None:
     """The polarity a checkpoint's model was trained on; None for a checkpoint from before polarities were recorded
     (its images are then used as they are, as before), with ``old_checkpoint_note`` on stderr under ``--stain auto``
-    when ``announce``."""
+    when ``announce``. A recorded value that is no polarity is a ``UserError`` (it would invert every image)."""
     polarity = (checkpoint.get("stain") or {}).get("polarity")
+    if polarity is not None and polarity not in POLARITIES:
+        raise UserError(f"{path} records the stain polarity {polarity!r}, which is neither {' nor '.join(POLARITIES)}; "
+                        "it was not written by train.py or tools/export.py")
     if polarity is None and mode == "auto" and announce:
         print(old_checkpoint_note(path), file=sys.stderr)
     return polarity

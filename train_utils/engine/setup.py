@@ -1,8 +1,8 @@
 """What a training run is made of, from its flags: the datasets, the model, the seed, the optimizer and lr schedule,
 the training loader and the stain polarity. ``train_utils.engine.trainer`` runs it; ``bench/`` reuses the pieces.
 
-The automatic values are resolved into ``args`` (``resolve_run_flags``, ``resolve_lr``, ``match_stain``), so
-``args.json`` and the checkpoints record what ran.
+The automatic values are resolved into ``args`` (``resolve_run_flags``, ``fit_accumulation``, ``resolve_lr``,
+``match_stain``), so ``args.json`` and the checkpoints record what ran.
 """
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, lr: float) 
 def total_batch(args: argparse.Namespace, world_size: int) -> int:
     """Images per optimizer step over all processes: processes x ``-b`` x ``--accumulate-steps``."""
     return world_size * args.batch_size * args.accumulate_steps
+
+
+def fit_accumulation(args: argparse.Namespace, batches_per_epoch: int) -> str | None:
+    """Clamp ``--accumulate-steps`` to the batches an epoch has, so that the lr is scaled to the batch an optimizer
+    step really sums (a group never spans two epochs: 50 asked of a 2-batch epoch would sum 2 at the lr of 50).
+    Returns the line that says so, or None when the value fits."""
+    if args.accumulate_steps <= batches_per_epoch:
+        return None
+    asked, args.accumulate_steps = args.accumulate_steps, max(batches_per_epoch, 1)
+    return (f"note: --accumulate-steps {asked} is more than the {batches_per_epoch} batch(es) an epoch has; each "
+            f"optimizer step sums the whole epoch, --accumulate-steps {args.accumulate_steps}, and the lr is scaled "
+            "to that batch")
 
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> tuple[float, str]:
@@ -193,7 +205,8 @@ def match_stain(args: argparse.Namespace, info: DistInfo, checkpoint: dict[str, 
     """Decide the model's stain polarity (the checkpoint's, else the training images' majority) and mark the images
     that ``--stain`` inverts as they load; the polarity and the split go into ``args`` (``args.json``, checkpoints)."""
     saved = (checkpoint or {}).get("stain") or {}
-    target, counts = saved.get("polarity"), saved.get("train_counts")
+    target = stain.checkpoint_polarity(checkpoint or {}, args.resume, args.stain, announce=False)
+    counts = saved.get("train_counts")
 
     def polarities(dataset: ChromosomeDataset) -> dict[int, str]:
         found = stain.dataset_polarities(dataset, show_progress=info.is_main) if info.is_main else None

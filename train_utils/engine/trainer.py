@@ -40,9 +40,14 @@ from train_utils.engine.checkpoint import (
 from train_utils.engine.distributed import DistInfo
 from train_utils.evaluation import score
 from train_utils.outputs import plots, results
-from train_utils.outputs.files import prepare_output_dir, remove_unfinished_writes, write_text_atomic
+from train_utils.outputs.files import (
+    check_output_dir,
+    prepare_output_dir,
+    remove_unfinished_writes,
+    write_text_atomic,
+)
 from train_utils.outputs.record import format_summary, write_record
-from train_utils.outputs.tensorboard import TENSORBOARD_DIR, TensorBoardLog
+from train_utils.outputs.tensorboard import TENSORBOARD_DIR, TensorBoardLog, check_log_dir
 
 ARGS_JSON = "args.json"
 LABELS_JSON = "labels.json"
@@ -63,6 +68,8 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
         if info.is_main:
             print(message, flush=True)
 
+    if info.is_main:
+        check_outputs(args)
     checkpoint, start_epoch, train_ds, val_ds, model, config = setup.prepare(args, info, device, log)
     model.to(device)
     amp_dtype = loop.resolve_amp(args.amp, args.amp_dtype, device)
@@ -91,6 +98,25 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
             job.board.close()
 
 
+def tensorboard_dir(args: argparse.Namespace) -> tuple[Path, str]:
+    """Where ``--tensorboard`` writes, and the flag that chose it."""
+    if args.tensorboard_dir is not None:
+        return Path(args.tensorboard_dir), "--tensorboard-dir"
+    return Path(args.output_dir) / TENSORBOARD_DIR, "--tensorboard"
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or created, an ``--output-dir`` or TensorBoard folder that cannot be
+    written (a file in the way, no permission) and ``--tensorboard`` without its package: a run refused for its
+    flags leaves nothing on disk."""
+    try:
+        check_output_dir(args.output_dir)
+    except OSError as exc:
+        raise UserError(str(exc)) from None
+    if args.tensorboard and not args.test_only:
+        check_log_dir(*tensorboard_dir(args))
+
+
 def _training_job(args, info: DistInfo, device: torch.device, model, config, train_ds: ChromosomeDataset,
                   val_ds: ChromosomeDataset, checkpoint, start_epoch: int, evaluate, log) -> "TrainingJob":
     """Loader, DDP, optimizer, schedule and scaler (resumed from ``checkpoint``); process 0 readies the output
@@ -108,9 +134,8 @@ def _training_job(args, info: DistInfo, device: torch.device, model, config, tra
             raise UserError(str(exc)) from None
         for path in remove_unfinished_writes(output_dir):
             log(f"removed {path}, left by an interrupted checkpoint write")
-        if args.tensorboard:  # before the first step: a missing package is a one-line error
-            board = TensorBoardLog(args.tensorboard_dir or output_dir / TENSORBOARD_DIR,
-                                   purge_step=start_epoch * len(train_loader))
+        if args.tensorboard:  # check_outputs refused a missing package or an unwritable folder already
+            board = TensorBoardLog(tensorboard_dir(args)[0], purge_step=start_epoch * len(train_loader))
         recorded = {**vars(args), "world_size": info.world_size}
         write_text_atomic(output_dir / ARGS_JSON, json.dumps(recorded, indent=2) + "\n")
         save_label_json(val_ds.label_names, output_dir / LABELS_JSON)
@@ -209,8 +234,11 @@ def _optimization(model: torch.nn.Module, args: argparse.Namespace, info: DistIn
                   checkpoint: dict[str, Any] | None, scaler, log, start_epoch: int = 0):
     """The optimizer and per-step lr schedule, resumed from ``checkpoint``; the best segm AP so far.
 
-    The resolved lr and warmup are written back into ``args``, so ``args.json`` records what ran.
+    The resolved accumulation, lr and warmup are written back into ``args``, so ``args.json`` records what ran.
     """
+    note = setup.fit_accumulation(args, batches_per_epoch)
+    if note is not None:
+        log(note)
     lr, lr_line = setup.resolve_lr(args, info.world_size)
     optimizer = setup.make_optimizer(model, args, lr)
     steps_per_epoch = math.ceil(batches_per_epoch / args.accumulate_steps)

@@ -5,7 +5,8 @@ Merging: all detections of the four views, highest score first, are grouped gree
 group whose leading mask it overlaps at mask IoU >= ``match_iou`` and that has no member from its view yet. A group
 becomes one detection: its mask is the mean of the members' mask probabilities, its box that mask's box, its score
 (and DaCSeg ``overlap_score``) the sum over members divided by the four views, so a chromosome seen in one view only
-keeps a quarter of its score and survives only if that still reaches the score threshold.
+keeps a quarter of its score and survives only if that still reaches the score threshold. The merged detections are
+capped at the model's ``detections_per_img`` (``--detections-per-img``), best score first, as without flips.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def _mask_iou(a: torch.Tensor, b: torch.Tensor, box_a: torch.Tensor, box_b: torc
 
 
 def merge_views(views: Sequence[dict[str, torch.Tensor]], score_thresh: float = 0.0, match_iou: float = 0.5,
-                mask_thresh: float = 0.5) -> dict[str, torch.Tensor]:
+                mask_thresh: float = 0.5, max_detections: int | None = None) -> dict[str, torch.Tensor]:
     """One output from the views' outputs (already in the original frame; ``masks`` ``[N, 1, H, W]`` probabilities);
-    see the module docstring. Groups whose merged score is below ``score_thresh`` are dropped."""
+    see the module docstring. Groups whose merged score is below ``score_thresh`` are dropped, and only the
+    ``max_detections`` best are kept (None: all)."""
     view_of = torch.cat([torch.full((len(v["scores"]),), k) for k, v in enumerate(views)])
     every = {key: torch.cat([v[key] for v in views]) for key in views[0] if key in ("boxes", "labels", "scores",
                                                                                   "masks", "overlap_scores")}
@@ -79,16 +81,28 @@ def merge_views(views: Sequence[dict[str, torch.Tensor]], score_thresh: float = 
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
              "masks": torch.zeros(0, 1, height, width), "overlap_scores": torch.zeros(0)}
     out = {key: torch.stack(values) if values else empty[key] for key, values in merged.items()}
-    order = out["scores"].argsort(descending=True)
+    order = out["scores"].argsort(descending=True)[:max_detections]
     return {key: value[order] for key, value in out.items()}
 
 
-class FlipTTA(nn.Module):
-    """A detector in eval mode behind test-time flips: same inputs and outputs as the detector's inference."""
+def detections_per_img(model: nn.Module) -> int | None:
+    """The most detections the model returns per image: its RoI heads' limit, or an exported model's config's."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None:
+        return int(heads.detections_per_img)
+    config = getattr(model, "config", None)
+    return None if config is None else int(config.box_detections_per_img)
 
-    def __init__(self, model: nn.Module, score_thresh: float = 0.0, match_iou: float = 0.5, mask_thresh: float = 0.5):
+
+class FlipTTA(nn.Module):
+    """A detector in eval mode behind test-time flips: same inputs and outputs as the detector's inference, and at
+    most as many detections per image (``max_detections``; default the model's own limit)."""
+
+    def __init__(self, model: nn.Module, score_thresh: float = 0.0, match_iou: float = 0.5, mask_thresh: float = 0.5,
+                 max_detections: int | None = None):
         super().__init__()
         self.model, self.score_thresh, self.match_iou, self.mask_thresh = model, score_thresh, match_iou, mask_thresh
+        self.max_detections = max_detections if max_detections is not None else detections_per_img(model)
 
     @property
     def roi_heads(self) -> nn.Module:
@@ -101,5 +115,6 @@ class FlipTTA(nn.Module):
         for image in images:
             size = (int(image.shape[-2]), int(image.shape[-1]))
             views = [_unflip(self.model([image.flip(dims) if dims else image])[0], dims, size) for dims in VIEWS]
-            results.append(merge_views(views, self.score_thresh, self.match_iou, self.mask_thresh))
+            results.append(merge_views(views, self.score_thresh, self.match_iou, self.mask_thresh,
+                                       self.max_detections))
         return results

@@ -45,7 +45,7 @@ from train_utils.inference.detect import Speedups, apply_speedups, detect, prepa
 from train_utils.inference.exported import load_onnx_model
 from train_utils.inference.tta import FlipTTA
 from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
-from train_utils.outputs.files import json_list_text, prepare_output_dir, write_text_atomic
+from train_utils.outputs.files import check_output_dir, json_list_text, prepare_output_dir, write_text_atomic
 from train_utils.outputs.predictions import (
     IMAGES_JSON,
     PREDICTIONS_JSON,
@@ -237,6 +237,8 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
     """
     options = options or PredictOptions()
     try:
+        if options.crops:  # checked before --output-dir is created: a refused run leaves nothing behind
+            check_output_dir(options.crops.folder, "--crops")
         output_dir = prepare_output_dir(output_dir)
         crops_dir = prepare_output_dir(options.crops.folder, "--crops") if options.crops else None
     except OSError as exc:
@@ -301,8 +303,8 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
                         "model")
     try:
         for folder, flag in ((args.output_dir, "--output-dir"), (args.crops, "--crops")):
-            if folder is not None:
-                prepare_output_dir(folder, flag)
+            if folder is not None:  # both checked, neither created: predict_files creates them
+                check_output_dir(folder, flag)
     except OSError as exc:
         raise UserError(str(exc)) from None
     prepare_model(model, config, args.score_thresh, overlap_maps=args.save_overlap_maps)

@@ -29,6 +29,7 @@ from train_utils.engine.loop import resolve_amp
 from train_utils.evaluation.coco_eval import evaluate_results
 from train_utils.evaluation.score import evaluate, evaluation_loader
 from train_utils.inference.tta import FlipTTA
+from train_utils.outputs.files import check_output_dir
 from train_utils.outputs.predictions import IMAGES_JSON
 from train_utils.outputs.record import format_summary, write_record
 
@@ -157,8 +158,13 @@ def _results_record(args: argparse.Namespace) -> dict[str, Any]:
 def run_validation(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path]:
     """Evaluate as the flags say and write the record; returns ``(record, txt_path, json_path)``.
 
-    Raises UserError, DatasetError or CheckpointError (one line each) for what a user can fix.
+    Raises UserError, DatasetError or CheckpointError (one line each) for what a user can fix; an ``--output-dir``
+    that cannot be written is refused before the scoring.
     """
+    try:
+        check_output_dir(args.output_dir)
+    except OSError as exc:
+        raise UserError(str(exc)) from None
     record = _checkpoint_record(args) if args.weights_path else _results_record(args)
     record.update(data_path=str(args.data_path), split=args.split)
     try:

@@ -23,12 +23,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
-    """Create ``path`` if need be and check that files can be written in it; raises ``OSError`` with one line
-    naming the flag and the folder (a file in the way, no permission, a read-only disk)."""
+def check_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
+    """Check, creating nothing, that ``path`` is or can become a folder to write in: raises ``OSError`` with one
+    line naming the flag and the folder when a file is in the way (``path`` or a folder above it) or the nearest
+    existing folder above it is not writable. A job checks all its output folders this way before it creates any,
+    so a run refused for a bad flag leaves nothing on disk."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{flag} {path} is a file, not a folder")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: cannot write there ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot write there (permission denied)")
+    return path
+
+
+def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> Path:
+    """Create ``path`` if need be and check that files can be written in it; raises ``OSError`` with one line
+    naming the flag and the folder (a file in the way, no permission, a read-only disk)."""
+    path = check_output_dir(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test_{os.getpid()}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from errors import UserError
+from train_utils.outputs.files import check_output_dir
 
 TENSORBOARD_DIR = "tensorboard"
 _RECORD_SCALARS = ("precision", "recall", "f1", "count_mae", "count_exact", "count_bias")
@@ -22,10 +23,9 @@ class TensorBoardLog:
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+            self.writer = _summary_writer()(str(log_dir), purge_step=purge_step)
+        except OSError as exc:
+            raise UserError(f"--tensorboard: cannot write the log into {log_dir} ({exc.strerror or exc})") from None
 
     def iteration(self, step: int, values: Mapping[str, float]) -> None:
         for name, value in values.items():
@@ -40,6 +40,24 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _summary_writer() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def check_log_dir(log_dir: str | Path, flag: str = "--tensorboard-dir") -> None:
+    """Refuse, creating nothing, what would stop ``TensorBoardLog`` on ``log_dir``: the package missing, a file
+    where the log folder goes, or a folder that cannot be written (``UserError``, one line naming ``flag``)."""
+    _summary_writer()
+    try:
+        check_output_dir(log_dir, flag)
+    except OSError as exc:
+        raise UserError(str(exc)) from None
 
 
 def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
