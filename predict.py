@@ -3,10 +3,11 @@
     python predict.py --weights-path save_weights/best.pth metaphase.tif more_images/ "batch_*/*.png" --output-dir P
 
 The model is rebuilt from the checkpoint alone. Writes ``P/<stem>_pred.png`` per image, ``P/predictions.json`` (COCO
-results) and ``P/images.json`` (image ids to files), and with ``--crops DIR`` each chromosome upright as its own
-image; see ``train_utils/jobs/predict.py`` for the formats. An unreadable image, or one too large for the memory, is
-reported and skipped; the others are predicted, and the exit status is then 2. The JSON files are complete after
-every image.
+results), ``P/images.json`` (image ids to files) and ``P/summary.csv`` (one row per image), with ``--crops DIR``
+each chromosome upright as its own image, and with ``--export labelme imagej geojson coco`` outlines to correct in
+an annotation tool; see ``train_utils/jobs/predict.py`` for the formats. An unreadable image, or one too large for
+the memory, is reported and skipped; the others are predicted, and the exit status is then 2. The JSON files are
+complete after every image.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     done = len(summary.images)
     mean_ms = 1000 * summary.seconds / done if done else 0.0
     print(f"{done} image(s), {summary.num_detections} detection(s), {mean_ms:.0f} ms per image; "
-          f"results in {Path(args.output_dir) / 'predictions.json'}")
+          f"results in {Path(args.output_dir) / 'predictions.json'}, one row per image in "
+          f"{Path(args.output_dir) / 'summary.csv'}")
     if summary.failed:
         names = ", ".join(Path(f["file_name"]).name for f in summary.failed[:5])
         more = " ..." if len(summary.failed) > 5 else ""

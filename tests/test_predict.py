@@ -347,3 +347,92 @@ def test_label_maps_come_from_the_checkpoint_or_a_label_json(tmp_path):
     wrong.write_text('{"1": "A"}')
     with pytest.raises(UserError, match=r"wrong\.json names labels \[1\] but the model has 2 class"):
         label_maps(checkpoint, config, wrong)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --export and summary.csv
+
+SUMMARY_HEADER = "image_id,file,stem,detections,overlapping,to_review,mean_score,inference_ms,count_flag,status"
+
+
+def read_summary(out: Path) -> list[dict[str, str]]:
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert lines[0] == SUMMARY_HEADER
+    return [dict(zip(SUMMARY_HEADER.split(","), line.split(",", 9))) for line in lines[1:]]
+
+
+def test_export_writes_every_format_from_the_saved_detections(tiny_coco, maskrcnn_ckpt, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from my_dataset_chromosome import ChromosomeDataset
+    from test_outlines import rasterise
+    from train_utils.outputs.outlines import mask_polygons
+
+    roifile = pytest.importorskip("roifile")
+    out = tmp_path / "pred"
+    formats = ("labelme", "imagej", "geojson", "coco", "labelme")  # a repeat is written once
+    assert run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_*.png", extra=("--export", *formats)) == 0
+    results = read_lines_json(out / "predictions.json")
+    dataset = ChromosomeDataset(out, "predicted")  # the coco export, as train.py reads it
+    assert len(dataset) == 2
+    for index, stem in enumerate(("val_001", "val_002")):
+        predicted = [mask_utils.decode(r["segmentation"]).astype(bool) for r in results if r["image_id"] == index + 1]
+        assert len(predicted) == 3
+        shapes = json.loads((out / "labelme" / f"{stem}.json").read_text())["shapes"]
+        assert sorted({s["description"].split()[0] for s in shapes}) == ["#1", "#2", "#3"]
+        assert [roi.name for roi in roifile.roiread(out / f"{stem}_rois.zip")] == ["1", "2", "3"]
+        assert len(json.loads((out / f"{stem}.geojson").read_text())["features"]) == 3
+        exported = dataset[index][1]["masks"].numpy().astype(bool)
+        assert len(exported) == 3
+        for mask, outline in zip(predicted, exported):  # the saved masks (an untrained model's: pinholes, specks)
+            assert np.array_equal(outline, rasterise(mask_polygons(mask), *mask.shape))
+            assert (mask & outline).sum() >= 0.95 * mask.sum() and (mask & outline).sum() >= 0.9 * outline.sum()
+    rows = read_summary(out)
+    assert [(r["image_id"], r["stem"], r["detections"], r["overlapping"], r["count_flag"], r["status"])
+            for r in rows] == [("1", "val_001", "3", "", "-43", "ok"), ("2", "val_002", "3", "", "-43", "ok")]
+    assert float(rows[0]["mean_score"]) == pytest.approx(np.mean([r["score"] for r in results[:3]]), abs=1e-4)
+
+
+def test_export_takes_the_final_detections_of_tta_and_stain(tiny_coco, dacseg_ckpt, tmp_path):
+    out = tmp_path / "pred"
+    assert run(dacseg_ckpt, out, tiny_coco / "images" / "val_001.png",
+               extra=("--tta", "--stain", "invert", "--export", "labelme", "--review-below", "1.0",
+                      "--expected-count", "0")) == 0
+    results = read_lines_json(out / "predictions.json")
+    shapes = json.loads((out / "labelme" / "val_001.json").read_text())["shapes"]
+    numbered = {int(s["description"].split()[0][1:]): s for s in shapes}
+    assert sorted(numbered) == list(range(1, len(results) + 1))  # one outline per detection kept by --tta
+    for k, result in enumerate(results, 1):
+        assert f"score={result['score']:.4f} overlap_score={result['overlap_score']:.4f}" in numbered[k]["description"]
+        assert numbered[k]["flags"] == {"review": True, "overlapping": result["overlap_score"] >= 0.5}
+    [row] = read_summary(out)
+    assert row["overlapping"] == str(sum(r["overlap_score"] >= 0.5 for r in results))
+    assert row["to_review"] == str(len(results)) and row["count_flag"] == ""
+
+
+def test_a_failed_image_is_marked_in_summary_csv_and_has_no_exports(tiny_coco, maskrcnn_ckpt, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (folder / "good.png").write_bytes((tiny_coco / "images" / "val_002.png").read_bytes())
+    out = tmp_path / "pred"
+    assert run(maskrcnn_ckpt, out, folder, extra=("--export", "labelme", "geojson", "coco")) == 2
+    assert [f["id"] for f in json.loads((out / "images.json").read_text())["failed"]] == [1]
+    broken, good = read_summary(out)
+    assert broken["stem"] == "broken" and broken["status"].startswith("failed: ") and broken["detections"] == ""
+    assert good["status"] == "ok" and good["detections"] == "3"
+    assert [p.name for p in (out / "labelme").iterdir()] == ["good.json"] and not (out / "broken.geojson").exists()
+    coco = json.loads((out / "annotations" / "instances_predicted.json").read_text())
+    assert [i["file_name"] for i in coco["images"]] == ["good.png"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--export", "tiff"), "argument --export: invalid choice: 'tiff'"),
+    (("--expected-count", "-1"), "argument --expected-count: -1 must be >= 0"),
+    (("--review-below", "1.5"), "argument --review-below: 1.5 must be <= 1.0"),
+])
+def test_export_flags_are_checked_by_the_parser(flags, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--weights-path", "w.pth", "cell.png", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and says in err, err

@@ -22,6 +22,8 @@ from errors import UserError, one_line
 from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS, ModelConfig
 from overlaps import MIN_OVERLAP_AREA
 from train_utils.outputs.crops import CROP_BACKGROUNDS
+from train_utils.outputs.exports import EXPORT_FORMATS
+from train_utils.outputs.summary import DEFAULT_EXPECTED_COUNT
 from train_utils.outputs.visualize import OVERLAY_LABELS
 from train_utils.stain import STAIN_MODES
 from transforms import PRESETS
@@ -434,11 +436,28 @@ def get_predict_parser() -> ArgumentParser:
     parser.add_argument("--threads", type=number_arg(int, low=1), default=None, metavar="N",
                         help="CPU threads for inference (default: the library's, one per core)")
     add_crop_args(parser)
+    add_export_args(parser)
     add_device_args(parser)
     add_threshold_args(parser)
     add_model_check_arg(parser)
     add_stain_arg(parser)
     return parser
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    """``predict.py --export`` (outlines to correct in an annotation tool, ``train_utils.outputs.exports``) and
+    what ``summary.csv`` flags."""
+    group = parser.add_argument_group("editable exports and summary.csv")
+    group.add_argument("--export", nargs="+", action="extend", choices=EXPORT_FORMATS, default=[], metavar="FORMAT",
+                       help=f"also write each detection as an editable outline, overlaps kept; FORMAT is any of "
+                            f"{', '.join(EXPORT_FORMATS)} (labelme/<name>.json, <name>_rois.zip for ImageJ/Fiji, "
+                            f"<name>.geojson for QuPath, annotations/instances_predicted.json for CVAT and train.py)")
+    group.add_argument("--review-below", type=number_arg(float, 0.0, 1.0), default=0.7, metavar="S",
+                       help="flag detections scoring below S for review in the exports, and count them in "
+                            "summary.csv (default: %(default)s)")
+    group.add_argument("--expected-count", type=number_arg(int, low=0), default=DEFAULT_EXPECTED_COUNT, metavar="N",
+                       help="summary.csv's count_flag marks images whose detection count differs from N; 0 turns "
+                            "the check off (default: %(default)s)")
 
 
 def add_crop_args(parser: argparse.ArgumentParser) -> None:
@@ -462,6 +481,7 @@ def parse_predict_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.save_overlap_maps and args.tta:
         parser.error("argument --tta: not with --save-overlap-maps (the maps are not merged over flips)")
+    args.export = list(dict.fromkeys(args.export))  # each format once, in the order given
     return args
 
 

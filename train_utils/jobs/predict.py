@@ -12,6 +12,9 @@ What ``predict_files`` writes into the output folder:
   the score threshold; ``image_id`` is the image's position in the expanded input list, from 1 (an image that could
   not be read, or not predicted in the memory there is, keeps its number, under ``failed``).
 - with ``--crops DIR``, the karyotype crops (``train_utils.outputs.crops``).
+- with ``--export FORMAT ...``, every detection as an editable outline for labelme, ImageJ/Fiji, QuPath or CVAT
+  (``train_utils.outputs.exports``), traced from the final detections (after ``--tta``, whatever the stain).
+- ``summary.csv``, one row per image for a spreadsheet (``train_utils.outputs.summary``); a failed image is marked.
 
 ``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
 front (``a__img``, ``b__img``) and, for one folder, the suffix behind (``img_png``, ``img_tif``), so no output
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import time
@@ -45,6 +49,7 @@ from train_utils.inference.detect import Speedups, apply_speedups, detect, prepa
 from train_utils.inference.exported import load_onnx_model
 from train_utils.inference.tta import FlipTTA
 from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
+from train_utils.outputs.exports import ExportImage, Exporter
 from train_utils.outputs.files import check_output_dir, json_list_text, prepare_output_dir, write_text_atomic
 from train_utils.outputs.predictions import (
     IMAGES_JSON,
@@ -53,6 +58,8 @@ from train_utils.outputs.predictions import (
     PredictionsWriter,
     outputs_to_coco_results,
 )
+from train_utils.outputs.outlines import detection_outlines
+from train_utils.outputs.summary import DEFAULT_EXPECTED_COUNT, SUMMARY_CSV, SummaryCsv
 from train_utils.outputs.visualize import OVERLAY_LABELS, draw_instances
 
 
@@ -181,6 +188,9 @@ class PredictOptions:
     model_polarity: str | None = None  # the checkpoint's (``train_utils.stain``)
     crops: CropOptions | None = None
     overlay_labels: str = "full"  # ``overlay``'s ``labels``
+    export: tuple[str, ...] = ()  # ``train_utils.outputs.exports.EXPORT_FORMATS``
+    review_below: float = 0.7  # exports flag, and summary.csv counts, detections scoring below it
+    expected_count: int = DEFAULT_EXPECTED_COUNT  # summary.csv's count_flag (0: off)
 
 
 @dataclass
@@ -245,6 +255,8 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
         raise UserError(str(exc)) from None
     summary, crop_entries = PredictionSummary(), []
     index = ImagesIndex(output_dir / IMAGES_JSON, label_names, label_to_cat_id)
+    table = SummaryCsv(output_dir / SUMMARY_CSV, options.review_below, options.expected_count)
+    exporter = Exporter(output_dir, options.export, label_names, label_to_cat_id) if options.export else None
     with contextlib.closing(PredictionsWriter(output_dir / PREDICTIONS_JSON)) as predictions:
         stems = output_stems(paths)
         progress = tqdm(_read_ahead(paths), total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr)
@@ -254,6 +266,12 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
                 entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir,
                                                      label_names, options)
                 predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id))
+                scores = output["scores"].float().tolist()
+                overlapping = entry["num_overlapping"] if "overlap_scores" in output else None
+                if exporter is not None:
+                    exporter.add(ExportImage(path, stem, image_id, entry["width"], entry["height"]),
+                                 detection_outlines(output, label_names, label_to_cat_id, options.review_below,
+                                                    options.overlap_thresh, options.mask_thresh))
                 if crops_dir is not None:
                     background = crop_background(options.crops.background, entry["polarity"])
                     crop_entries += write_image_crops(image, output, image_id, path, stem, crops_dir, background,
@@ -265,6 +283,7 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
                 reason = str(exc) if isinstance(exc, DatasetError) else \
                     "not enough memory to predict this {}x{} image ({})".format(*image_size(path), one_line(exc))
                 index.fail(image_id, path, reason)
+                table.fail(image_id, path, stem, reason)
                 tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
                 continue
             finally:
@@ -272,6 +291,7 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
             index.add(entry)
+            table.add(entry, scores, overlapping)
             summary.num_detections += entry["num_detections"]
             summary.seconds += entry["inference_ms"] / 1000
             tqdm.write(f"{path}: {counts}, {entry['inference_ms']:.0f} ms -> {stem}_pred.png")
@@ -283,6 +303,8 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     """``predict.py``'s job for parsed flags (``train_utils.cli.parse_predict_args``): returns the summary and the
     number of inputs. Raises ``DaCSegError`` (one line) for what a user can fix, before anything is written."""
     paths = expand_inputs(args.inputs)
+    if "imagej" in args.export and importlib.util.find_spec("roifile") is None:
+        raise UserError("--export imagej needs the roifile package: pip install roifile")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if str(args.weights_path).lower().endswith(".onnx"):
@@ -316,5 +338,5 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     crops = None if args.crops is None else CropOptions(Path(args.crops), args.crop_background, args.crop_margin,
                                                         args.crop_height)
     options = PredictOptions(args.overlap_thresh, args.mask_thresh, args.save_overlap_maps, args.stain, polarity, crops,
-                             args.overlay_labels)
+                             args.overlay_labels, tuple(args.export), args.review_below, args.expected_count)
     return predict_files(model, paths, args.output_dir, label_names, label_to_cat_id, args.device, options), len(paths)
