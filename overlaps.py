@@ -54,3 +54,38 @@ def segmentation_rle(segmentation: Any, height: int, width: int) -> dict[str, An
     if isinstance(segmentation.get("counts"), list):
         return mask_utils.frPyObjects(segmentation, height, width)
     return segmentation
+
+
+def crossing_pairs(rles: Sequence[dict[str, Any]], min_area: float = MIN_OVERLAP_AREA) -> list[tuple[int, int]]:
+    """The pairs ``(i, j)``, ``i < j``, of one image's instances whose masks share at least ``min_area`` pixels: the
+    chromosomes that cross each other (``overlapping_from_rles`` flags an instance against the union of all others)."""
+    if len(rles) < 2:
+        return []
+    boxes = mask_utils.toBbox(list(rles)).reshape(-1, 4)
+    low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
+    pairs = []
+    for i in range(len(rles)):
+        for j in range(i + 1, len(rles)):
+            if (low[i] < high[j]).all() and (low[j] < high[i]).all():
+                shared = mask_utils.merge([rles[i], rles[j]], intersect=True)
+                if mask_utils.area(shared) >= min_area:
+                    pairs.append((i, j))
+    return pairs
+
+
+def crossing_clusters(num_instances: int, pairs: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of "crosses" (``pairs``) with at least two members, each sorted, ordered by first member."""
+    parent = list(range(num_instances))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for i, j in pairs:
+        parent[root(i)] = root(j)
+    members: dict[int, list[int]] = {}
+    for k in range(num_instances):
+        members.setdefault(root(k), []).append(k)
+    return sorted((m for m in members.values() if len(m) > 1), key=lambda m: m[0])

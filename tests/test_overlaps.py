@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from overlaps import MIN_OVERLAP_AREA, instance_flags, overlapping_from_rles, segmentation_rle
+from overlaps import (MIN_OVERLAP_AREA, crossing_clusters, crossing_pairs, instance_flags, overlapping_from_rles,
+                      segmentation_rle)
 
 H, W = 30, 40
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +106,15 @@ def test_no_second_copy_of_the_rule():
                     and "overlap_area" in node.target.id and isinstance(node.value, ast.Constant):
                 own_thresholds.append(f"{where}:{node.lineno} {node.target.id}={node.value.value}")
     assert copies == [] and own_thresholds == []
+
+
+def test_crossing_pairs_are_the_pairs_sharing_at_least_the_threshold():
+    masks = three_masks()  # 0 and 1 share 30 px; 2 is alone
+    rles = [rle(m) for m in masks]
+    assert crossing_pairs(rles) == [(0, 1)]
+    assert crossing_pairs(rles, min_area=31) == []
+
+
+def test_crossing_clusters_are_connected_components_of_two_or_more():
+    assert crossing_clusters(6, [(0, 1), (1, 4), (2, 5)]) == [[0, 1, 4], [2, 5]]
+    assert crossing_clusters(3, []) == []
