@@ -12,6 +12,9 @@ MODEL_NAMES = ("maskrcnn", "dacseg")
 BACKBONE_NAMES = tuple(BACKBONE_BUILDERS)  # the names backbone/ can build
 NORM_LAYERS = tuple(NORM_LAYER_CLASSES)
 OVERLAP_CLS_HEADS = ("fc", "conv")
+# what DaCSeg's final mask head sees: F + X2 (stage 2's features, the published fusion), F + X1, F + p * X2 (X2 gated
+# by the overlap classifier's probability p), or F alone (the overlap heads then act through their losses only)
+FUSIONS = ("stage2", "stage1", "gated", "none")
 MASKRCNN_LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 DACSEG_LOSS_NAMES = (
     "loss_overlap_cls",
@@ -46,6 +49,9 @@ class ModelConfig:
     min_overlap_area: float = MIN_OVERLAP_AREA
     # DaCSeg only
     overlap_cls_head: str = "fc"
+    fusion: str = "stage2"
+    # the final mask loss's weight on the pixels where a crossing chromosome meets another (1: plain Mask R-CNN loss)
+    crossing_mask_weight: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,6 +82,10 @@ class ModelConfig:
             raise ValueError(
                 f"unknown overlap classifier head {self.overlap_cls_head!r}; choose one of {', '.join(OVERLAP_CLS_HEADS)}"
             )
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown DaCSeg fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if not 0.0 <= self.crossing_mask_weight < float("inf"):
+            raise ValueError(f"crossing_mask_weight must be a finite number >= 0, got {self.crossing_mask_weight}")
         known = MASKRCNN_LOSS_NAMES + (DACSEG_LOSS_NAMES if self.name == "dacseg" else ())
         unknown = sorted(set(self.loss_weights) - set(known))
         if unknown:

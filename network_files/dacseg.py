@@ -7,6 +7,10 @@ For every mask RoI the 14x14x256 RoIAlign features F are pooled once and feed th
     F + X1 ──▶ stage 2 (same, own weights) = X2 ─▶ overlap-else mask, its boundary      [R, K+1, 28, 28]
     F + X2 ──▶ Mask R-CNN mask head + predictor ─▶ final mask                           [R, K+1, 28, 28]
 
+``ModelConfig.fusion`` picks what the final mask head reads (F + X2 as published; F + X1; F + p·X2, stage 2 gated by
+the classifier's overlap probability p; or F alone), and ``crossing_mask_weight`` weighs the final mask loss on the
+pixels where a crossing chromosome meets another.
+
 The auxiliary targets are derived from the ground-truth instance masks and their overlap flags (``overlaps``,
 given by the dataset as ``target["overlapping"]``; see ``overlap_regions``), so a plain instance-segmentation dataset
 is enough to train it.
@@ -142,6 +146,22 @@ def dacseg_loss(logits: DaCSegLogits, targets: OverlapTargets) -> dict[str, Tens
     }
 
 
+def crossing_weighted_mask_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+                                matched_idxs: list[Tensor], targets: OverlapTargets, weight: float) -> Tensor:
+    """Mask R-CNN's mask loss (BCE on each RoI's class channel) with the pixels of the overlap target, where a
+    crossing chromosome meets another, weighing ``weight`` instead of 1 (mean over RoIs and pixels)."""
+    if targets.labels.numel() == 0:
+        return mask_logits.sum() * 0
+    resolution = mask_logits.shape[-1]
+    with torch.autocast(mask_logits.device.type, enabled=False):
+        mask_targets = torch.cat([project_masks_on_boxes(m, p.float(), i, resolution)
+                                  for m, p, i in zip(gt_masks, proposals, matched_idxs)])
+    index = torch.arange(targets.labels.shape[0], device=mask_logits.device)
+    pixel_weights = 1.0 + (weight - 1.0) * targets.overlap
+    return F.binary_cross_entropy_with_logits(mask_logits[index, targets.labels].float(), mask_targets,
+                                              weight=pixel_weights)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # heads
 
@@ -222,12 +242,13 @@ class BilayerOverlapHead(nn.Module):
         self.overlap = OverlapStage(channels, num_classes)
         self.overlap_else = OverlapStage(channels, num_classes)
 
-    def forward(self, features: Tensor, with_maps: bool = True) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        """Return X2 and the (overlap, overlap edge, overlap-else, overlap-else edge) logits (None each without
+    def forward(self, features: Tensor, with_maps: bool = True
+                ) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+        """Return X1, X2 and the (overlap, overlap edge, overlap-else, overlap-else edge) logits (None each without
         ``with_maps``)."""
         x1, overlap, overlap_edge = self.overlap(features, with_maps)
         x2, overlap_else, overlap_else_edge = self.overlap_else(features + x1, with_maps)
-        return x2, (overlap, overlap_edge, overlap_else, overlap_else_edge)
+        return x1, x2, (overlap, overlap_edge, overlap_else, overlap_else_edge)
 
 
 class DaCSegRoIHeads(RoIHeads):
@@ -241,6 +262,8 @@ class DaCSegRoIHeads(RoIHeads):
         *args: Any,
         overlap_classifier: nn.Module,
         overlap_head: BilayerOverlapHead,
+        fusion: str = "stage2",
+        crossing_mask_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -248,6 +271,8 @@ class DaCSegRoIHeads(RoIHeads):
             raise ValueError("DaCSegRoIHeads needs the mask branch (mask_roi_pool, mask_head, mask_predictor)")
         self.overlap_classifier = overlap_classifier
         self.overlap_head = overlap_head
+        self.fusion = fusion  # ``ModelConfig.fusion``
+        self.crossing_mask_weight = crossing_mask_weight
         self.return_overlap_maps = False
 
     @classmethod
@@ -257,6 +282,8 @@ class DaCSegRoIHeads(RoIHeads):
         *,
         overlap_classifier: nn.Module,
         overlap_head: BilayerOverlapHead,
+        fusion: str = "stage2",
+        crossing_mask_weight: float = 1.0,
     ) -> "DaCSegRoIHeads":
         """Take over the modules (shared, not copied) and settings of a torchvision Mask R-CNN ``RoIHeads``."""
         return cls(
@@ -276,6 +303,8 @@ class DaCSegRoIHeads(RoIHeads):
             mask_predictor=roi_heads.mask_predictor,
             overlap_classifier=overlap_classifier,
             overlap_head=overlap_head,
+            fusion=fusion,
+            crossing_mask_weight=crossing_mask_weight,
         )
 
     def box_logits(
@@ -292,9 +321,18 @@ class DaCSegRoIHeads(RoIHeads):
         """Run every DaCSeg head on the mask RoI features of ``boxes``, pooled once (the four auxiliary maps only
         ``with_maps``; they are None otherwise)."""
         roi_features = self.mask_roi_pool(features, boxes, image_shapes)
-        x2, overlap_maps = self.overlap_head(roi_features, with_maps)
-        mask = self.mask_predictor(self.mask_head(roi_features + x2))
-        return DaCSegLogits(self.overlap_classifier(roi_features), *overlap_maps, mask)
+        x1, x2, overlap_maps = self.overlap_head(roi_features, with_maps)
+        overlap_cls = self.overlap_classifier(roi_features)
+        if self.fusion == "stage2":
+            fused = roi_features + x2
+        elif self.fusion == "stage1":
+            fused = roi_features + x1
+        elif self.fusion == "gated":
+            fused = roi_features + overlap_cls.float().softmax(dim=1)[:, 1, None, None, None].to(x2.dtype) * x2
+        else:
+            fused = roi_features
+        mask = self.mask_predictor(self.mask_head(fused))
+        return DaCSegLogits(overlap_cls, *overlap_maps, mask)
 
     def forward(
         self,
@@ -327,7 +365,10 @@ class DaCSegRoIHeads(RoIHeads):
         losses = {
             "loss_classifier": loss_classifier,
             "loss_box_reg": loss_box_reg,
-            "loss_mask": maskrcnn_loss(logits.mask, mask_proposals, gt_masks, gt_labels, pos_matched_idxs),
+            "loss_mask": maskrcnn_loss(logits.mask, mask_proposals, gt_masks, gt_labels, pos_matched_idxs)
+            if self.crossing_mask_weight == 1.0 else
+            crossing_weighted_mask_loss(logits.mask, mask_proposals, gt_masks, pos_matched_idxs, targets_overlap,
+                                        self.crossing_mask_weight),
         }
         losses.update(dacseg_loss(logits, targets_overlap))
         return [], losses
@@ -401,6 +442,8 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
         roi_heads,
         overlap_classifier=classifier.to(device),
         overlap_head=BilayerOverlapHead(channels, num_classes).to(device),
+        fusion=config.fusion,
+        crossing_mask_weight=config.crossing_mask_weight,
     )
     transform = model.transform
     model.transform = DaCSegTransform(

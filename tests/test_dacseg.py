@@ -586,3 +586,77 @@ def test_roi_heads_subclass_keeps_torchvision_settings(base_model):
     roi_heads = base_model.roi_heads
     assert isinstance(roi_heads, RoIHeads) and roi_heads.return_overlap_maps is False
     assert roi_heads.proposal_matcher.high_threshold == 0.5 and roi_heads.fg_bg_sampler.positive_fraction == 0.25
+
+
+# ------------------------------------------------------------------------------------------------ design options
+
+
+def _fusion_logits(base_model, fusion: str, tweak: str):
+    """The fused mask before and after scaling the last conv of stage ``tweak`` ("overlap" or "overlap_else")."""
+    torch.manual_seed(0)
+    roi_heads = copy.deepcopy(base_model.roi_heads).eval()
+    roi_heads.fusion = fusion
+    features = {name: torch.randn(1, 256, 32 // 2**i, 40 // 2**i) for i, name in enumerate(["0", "1", "2", "3"])}
+    boxes = [torch.tensor([[10.0, 10, 90, 60], [50, 20, 120, 100]])]
+    with torch.no_grad():
+        before = roi_heads.dacseg_logits(features, boxes, [(128, 160)])
+        getattr(roi_heads.overlap_head, tweak).convs[-1][0].weight.mul_(1.5)
+        after = roi_heads.dacseg_logits(features, boxes, [(128, 160)])
+    return before, after
+
+
+@pytest.mark.parametrize("fusion, reads_stage1, reads_stage2", [
+    ("stage2", True, True), ("stage1", True, False), ("gated", True, True), ("none", False, False)])
+def test_fusion_decides_which_stage_the_final_mask_reads(base_model, fusion, reads_stage1, reads_stage2):
+    before, after = _fusion_logits(base_model, fusion, "overlap_else")
+    assert (not torch.equal(before.mask, after.mask)) == reads_stage2
+    before, after = _fusion_logits(base_model, fusion, "overlap")
+    assert (not torch.equal(before.mask, after.mask)) == reads_stage1
+
+
+def test_gated_fusion_scales_stage2_by_the_classifier(base_model):
+    torch.manual_seed(0)
+    roi_heads = copy.deepcopy(base_model.roi_heads).eval()
+    roi_heads.fusion = "gated"
+    features = {name: torch.randn(1, 256, 32 // 2**i, 40 // 2**i) for i, name in enumerate(["0", "1", "2", "3"])}
+    boxes = [torch.tensor([[10.0, 10, 90, 60]])]
+    with torch.no_grad():
+        roi_heads.overlap_classifier[-1].weight.zero_()
+        roi_heads.overlap_classifier[-1].bias.copy_(torch.tensor([50.0, -50.0]))  # surely not overlapping
+        gated = roi_heads.dacseg_logits(features, boxes, [(128, 160)])
+        roi_heads.fusion = "none"
+        plain = roi_heads.dacseg_logits(features, boxes, [(128, 160)])
+    torch.testing.assert_close(gated.mask, plain.mask)
+
+
+def test_crossing_mask_weight_one_is_mask_rcnn_loss_and_more_weighs_the_crossing(base_model):
+    image, target = bars_sample(CROSSING_BARS)
+    losses = {}
+    for weight in (1.0, 5.0):
+        torch.manual_seed(0)
+        model = make_fast(build_model(tiny_config(crossing_mask_weight=weight)))
+        model.load_state_dict(base_model.state_dict())
+        model.train()
+        torch.manual_seed(1)
+        losses[weight] = model([image], [target])["loss_mask"]
+    assert losses[5.0] > losses[1.0]  # the crossing pixels weigh more (random heads miss them like any other)
+    from network_files.dacseg import crossing_weighted_mask_loss, overlap_targets  # noqa: PLC0415
+    from torchvision.models.detection.roi_heads import maskrcnn_loss  # noqa: PLC0415
+
+    logits = torch.randn(2, 2, 28, 28)
+    boxes = [target["boxes"][:2].float()]
+    idxs = [torch.tensor([0, 1])]
+    targets = overlap_targets(boxes, [target["masks"]], [target["labels"]], [target["overlapping"]], idxs, 28)
+    torch.testing.assert_close(crossing_weighted_mask_loss(logits, boxes, [target["masks"]], idxs, targets, 1.0),
+                               maskrcnn_loss(logits, boxes, [target["masks"]], [target["labels"]], idxs))
+
+
+def test_design_options_are_checked_and_recorded():
+    with pytest.raises(ValueError, match="unknown DaCSeg fusion 'x3'"):
+        ModelConfig(name="dacseg", fusion="x3")
+    with pytest.raises(ValueError, match="crossing_mask_weight"):
+        ModelConfig(name="dacseg", crossing_mask_weight=-1.0)
+    config = tiny_config(fusion="gated", crossing_mask_weight=3.0)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    heads = build_model(config).roi_heads
+    assert (heads.fusion, heads.crossing_mask_weight) == ("gated", 3.0)

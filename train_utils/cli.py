@@ -19,7 +19,8 @@ from typing import Any, NoReturn, Sequence
 import torch
 
 from errors import UserError, one_line
-from network_files.config import BACKBONE_NAMES, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS, ModelConfig
+from network_files.config import (BACKBONE_NAMES, FUSIONS, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS,
+                                   ModelConfig)
 from overlaps import MIN_OVERLAP_AREA
 from train_utils.outputs.crops import CROP_BACKGROUNDS
 from train_utils.outputs.exports import EXPORT_FORMATS
@@ -194,6 +195,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap-cls-head", choices=OVERLAP_CLS_HEADS, default=_MODEL_DEFAULTS.overlap_cls_head,
                        help="DaCSeg overlap classifier: fc as published (~52 M parameters) or a small conv head "
                             "(default: %(default)s)")
+    group.add_argument("--fusion", choices=FUSIONS, default=_MODEL_DEFAULTS.fusion,
+                       help="what DaCSeg's final mask head reads besides the RoI features: stage2 (F + X2, as "
+                            "published), stage1 (F + X1), gated (F + p * X2, p the overlap classifier's probability) "
+                            "or none (default: %(default)s)")
+    group.add_argument("--crossing-mask-weight", type=number_arg(float, low=0.0),
+                       default=_MODEL_DEFAULTS.crossing_mask_weight, metavar="W",
+                       help="DaCSeg: weight of the final mask loss on the pixels where a crossing chromosome meets "
+                            "another (default: %(default)s, the plain mask loss)")
     add_min_overlap_area_arg(group, training=True)
     group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction, default={},
                        metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "
@@ -352,6 +361,8 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
             box_detections_per_img=args.detections_per_img,
             rois_per_image=args.rois_per_image,
             overlap_cls_head=args.overlap_cls_head,
+            fusion=args.fusion,
+            crossing_mask_weight=args.crossing_mask_weight,
             min_overlap_area=MIN_OVERLAP_AREA if args.min_overlap_area is None else args.min_overlap_area,
             loss_weights=dict(args.loss_weights or {}),
         )

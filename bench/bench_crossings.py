@@ -1,0 +1,302 @@
+"""Crossings benchmark: models trained on crops of BioImLab, scored on crops around the real crossings of val.
+
+    python bench/bench_crossings.py --variants stock maskrcnn dacseg --seeds 0 1 2 --out runs/crossings
+    python bench/bench_crossings.py --report runs/crossings                 # tables and intervals of saved runs
+
+Data: ``tools/crossing_crops.py`` cuts one square crop (``--crop-size``, original scale) per cluster of crossing
+chromosomes and as many control crops without a crossing, from train and from val. Training (``--train-data``) uses
+the train crops (``crops``), random crops of the whole train images (``whole``) or both; scoring always uses the val
+crops. Every variant gets the same data, step budget, schedule (SGD, warmup, cosine, clipping at 10, flips) and
+seeds, and the same loader order per seed. Each run is saved as ``OUT/<variant>_seed<S>.json`` (its detections on
+the val crops, losses, timings) as soon as it ends, so an interrupted session keeps what finished; ``--report``
+scores them with ``train_utils.evaluation.crossings`` and compares every variant with ``maskrcnn`` by a paired
+bootstrap over crops (``train_utils.evaluation.stats``).
+
+Variants: ``stock`` is torchvision's ``MaskRCNN`` on torchvision's ``resnet_fpn_backbone`` with the same backbone,
+anchors and sampling as ours; ``maskrcnn`` and ``dacseg`` are ours as ``train.py`` builds them; ``maskrcnn_mask14``
+(a 14x14 mask head) is the calibration: a model known to be worse at the mask's edge; the ``dacseg_*`` variants are
+ablations (see ``VARIANTS``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch.utils.data import ConcatDataset, DataLoader
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import MultiScaleRoIAlign
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_accuracy import DEFAULT_DATA, Steps, prepare_data  # noqa: E402
+from my_dataset_chromosome import ChromosomeDataset  # noqa: E402
+from network_files import build_model, resolve_config  # noqa: E402
+from network_files.config import ModelConfig  # noqa: E402
+from tools.crossing_crops import cut_crops  # noqa: E402
+from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
+from train_utils.engine import loop, schedule  # noqa: E402
+from train_utils.engine.checkpoint import save_checkpoint  # noqa: E402
+from train_utils.engine.setup import seed_everything  # noqa: E402
+from train_utils.evaluation import score  # noqa: E402
+from transforms import get_transform  # noqa: E402
+
+VAL_CROPS = "val_crops.json"  # the scored crops' ground truth, beside the runs
+AUX_TERMS = ("loss_overlap", "loss_overlap_edge", "loss_overlap_else", "loss_overlap_else_edge")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared model: ours (``model``) with config overrides and loss weights, or torchvision's (stock)."""
+
+    model: str  # "stock", "maskrcnn" or "dacseg"
+    config: tuple[tuple[str, Any], ...] = ()  # ModelConfig fields over the bench's
+    loss_weights: tuple[tuple[str, float], ...] = ()
+    mask_resolution: int = 28  # 14: the calibration's coarser mask head (RoIAlign 7x7)
+    note: str = ""
+
+
+VARIANTS = {
+    "stock": Variant("stock", note="torchvision MaskRCNN + resnet_fpn_backbone, same settings"),
+    "maskrcnn": Variant("maskrcnn", note="ours"),
+    "maskrcnn_mask14": Variant("maskrcnn", mask_resolution=14, note="calibration: 14x14 mask head"),
+    "dacseg": Variant("dacseg", (("overlap_cls_head", "conv"),), note="conv overlap classifier"),
+    "dacseg_fc": Variant("dacseg", (("overlap_cls_head", "fc"),), note="fc overlap classifier (published)"),
+    "dacseg_no_cls": Variant("dacseg", (("overlap_cls_head", "conv"),), (("loss_overlap_cls", 0.0),),
+                             note="no overlap-classifier loss"),
+    "dacseg_no_edge": Variant("dacseg", (("overlap_cls_head", "conv"),),
+                              (("loss_overlap_edge", 0.0), ("loss_overlap_else_edge", 0.0)),
+                              note="no boundary losses"),
+    "dacseg_aux025": Variant("dacseg", (("overlap_cls_head", "conv"),), tuple((t, 0.25) for t in AUX_TERMS),
+                             note="auxiliary map losses at 0.25"),
+    "dacseg_stage1": Variant("dacseg", (("overlap_cls_head", "conv"), ("fusion", "stage1")),
+                             note="the final mask reads F + X1 (stage 2 stays, as an auxiliary task)"),
+    "dacseg_no_fusion": Variant("dacseg", (("overlap_cls_head", "conv"), ("fusion", "none")),
+                                note="the final mask reads F only (no F + X2 path)"),
+    "dacseg_gated": Variant("dacseg", (("overlap_cls_head", "conv"), ("fusion", "gated")),
+                            note="F + p * X2, stage 2 gated by the classifier"),
+    "dacseg_xweight4": Variant("dacseg", (("overlap_cls_head", "conv"), ("crossing_mask_weight", 4.0)),
+                               note="final mask loss x4 on the crossing pixels"),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every variant shares."""
+
+    crop_size: int = 160
+    train_data: str = "both"  # "crops", "whole" or "both"
+    backbone: str = "resnet18"
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    rois_per_image: int = 64
+    batch_size: int = 4
+    lr: float = 0.02
+    steps: int = 600
+    warmup_iters: int = 60
+    evals: int = 3  # val scorings along the way (the last at the end): the val curve
+    synthetic: int = 0  # synthetic spreads whose crossing crops join the training data
+
+
+def model_config(variant: Variant, setting: Setting, num_classes: int, min_size: int, max_size: int) -> ModelConfig:
+    fields = dict(name="maskrcnn" if variant.model == "stock" else variant.model, num_classes=num_classes,
+                  backbone=setting.backbone, min_size=min_size, max_size=max_size,
+                  anchor_sizes=setting.anchor_sizes, rois_per_image=setting.rois_per_image)
+    fields.update(dict(variant.config))
+    return resolve_config(ModelConfig(**fields), pretrained=False)
+
+
+def make_model(variant: Variant, setting: Setting, num_classes: int) -> torch.nn.Module:
+    """The variant at the crops' own scale (no resize: min and max size are the crop size)."""
+    config = model_config(variant, setting, num_classes, setting.crop_size, setting.crop_size)
+    if variant.model == "stock":
+        backbone = resnet_fpn_backbone(backbone_name=setting.backbone, weights=None, norm_layer=torch.nn.BatchNorm2d,
+                                       trainable_layers=5)
+        anchors = AnchorGenerator(tuple((s,) for s in setting.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        model = MaskRCNN(backbone, num_classes=num_classes + 1, min_size=setting.crop_size,
+                         max_size=setting.crop_size, rpn_anchor_generator=anchors,
+                         box_batch_size_per_image=setting.rois_per_image)
+    else:
+        model = build_model(config)
+    if variant.mask_resolution == 14:
+        model.roi_heads.mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    model.transform._skip_resize = True  # crops are trained at the original scale
+    return model
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    setting: dict[str, Any]
+    steps: int = 0
+    train_s: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every few steps
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, crossing recall75, pairs75)
+    detections: list[dict[str, Any]] = field(default_factory=list)  # COCO results on the val crops
+
+
+def training_set(crops: Path, whole: Path, setting: Setting, synthetic: Path | None) -> torch.utils.data.Dataset:
+    flip = get_transform("flip", train=True)
+    parts = []
+    if setting.train_data in ("crops", "both"):
+        parts.append(ChromosomeDataset(crops, "train", transforms=flip))
+    if setting.train_data in ("whole", "both"):
+        parts.append(ChromosomeDataset(whole, "train", transforms=get_transform("flip", train=True,
+                                                                                crop_size=setting.crop_size)))
+    if synthetic is not None:
+        parts.append(ChromosomeDataset(synthetic, "train", transforms=flip))
+    return ConcatDataset(parts)
+
+
+class SeededBatches:
+    """Shuffled batches whose order depends only on the seed and the pass (``set_epoch``), like the training
+    sampler of ``train.py`` (crops are all the same size, so no aspect-ratio grouping)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        return iter(order.split(self.batch_size))
+
+
+def score_val(model: torch.nn.Module, val: ChromosomeDataset, workers: int) -> list[dict[str, Any]]:
+    loader = DataLoader(val, batch_size=4, num_workers=workers, collate_fn=loop.collate_fn)
+    results, _ = score.predict_results(model, loader, torch.device("cpu"), val.label_to_cat_id)
+    return results
+
+
+def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path], workers: int,
+                    save_dir: Path | None) -> Run:
+    from train_utils.evaluation.crossings import crop_scores, summarize  # noqa: PLC0415 (bench-only)
+
+    variant = VARIANTS[name]
+    val = ChromosomeDataset(data["crops"], "val", transforms=get_transform("none", train=False))
+    train = training_set(data["crops"], data["whole"], setting, data.get("synthetic"))
+    seed_everything(seed, 0, 0)
+    model = make_model(variant, setting, val.num_classes)
+    loader = DataLoader(train, batch_sampler=SeededBatches(len(train), setting.batch_size, seed),
+                        num_workers=workers, collate_fn=loop.collate_fn, persistent_workers=workers > 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=setting.lr, momentum=0.9, weight_decay=1e-4)
+    lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=setting.steps, steps_per_epoch=len(loader),
+                                              warmup_iters=setting.warmup_iters)
+    run = Run(name, seed, dataclasses.asdict(setting))
+    seed_everything(seed, 1, 0)
+    stops = [round(setting.steps * (k + 1) / setting.evals) for k in range(setting.evals)]
+    steps = Steps(loader, 0)
+    done = 0
+    for stop in stops:
+        steps.count = stop - done
+        start = time.perf_counter()
+        loop.train_one_epoch(model, optimizer, steps, torch.device("cpu"), done, lr_scheduler=lr_scheduler,
+                             clip_grad_norm=10.0, loss_weights=dict(variant.loss_weights), print_freq=10,
+                             show_progress=False,
+                             on_log=lambda i, v, base=done: run.losses.append((base + i, float(v["loss"]))))
+        run.train_s += time.perf_counter() - start  # the scoring below is not training time
+        done = stop
+        run.detections = score_val(model, val, workers)
+        crossing = summarize([c for c in crop_scores(val.coco, run.detections) if c.kind == "crossing"])
+        run.curve.append((done, crossing["recall75"], crossing["pairs75"]))
+        print(f"  {name} seed {seed} step {done}/{setting.steps} ({run.train_s:.0f} s): loss "
+              f"{run.losses[-1][1] if run.losses else float('nan'):.3f}  crossing recall75 {crossing['recall75']:.3f}"
+              f"  pairs75 {crossing['pairs75']:.3f}", flush=True)
+    run.steps = setting.steps
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        config = model_config(variant, setting, val.num_classes, 576, 768)  # whole BioImLab images, own scale
+        save_checkpoint({"model": model.state_dict(), "model_config": config.to_dict(), "epoch": setting.steps,
+                         "label_names": val.label_names, "label_to_cat_id": val.label_to_cat_id,
+                         "stain": {"polarity": "bright-on-dark", "train_counts": None}},
+                        save_dir / f"{name}_seed{seed}.pth")
+    return run
+
+
+def prepare(source: Path, work: Path, setting: Setting) -> dict[str, Path]:
+    """Whole images (COCO layout), their crossing and control crops, and optional synthetic crossing crops."""
+    whole = prepare_data(source, work / "whole")
+    crops = work / "crops"
+    for split in ("train", "val"):
+        counts = cut_crops(whole, split, crops, crop_size=setting.crop_size)
+        print(f"# crops {counts.line(split)}", flush=True)
+    data = {"whole": whole, "crops": crops}
+    if setting.synthetic:
+        from tools.synth_metaphase import generate  # noqa: PLC0415
+
+        generate(work / "synth", setting.synthetic, split="train", seed=12345)
+        counts = cut_crops(work / "synth", "train", work / "synth_crops", crop_size=setting.crop_size, controls=0.0)
+        print(f"# synthetic crops {counts.line('train')}", flush=True)
+        data["synthetic"] = work / "synth_crops"
+    return data
+
+
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["stock", "maskrcnn", "dacseg"])
+    parser.add_argument("--seeds", nargs="+", type=number_arg(int, low=0), default=[0, 1, 2])
+    parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA,
+                        help="BioImLab labelme root or a COCO-layout root with train and val (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("crossings_runs"), help="folder of the runs' JSON files")
+    parser.add_argument("--report", type=Path, default=None, metavar="RUNS",
+                        help="only print the tables of the runs saved in RUNS (no training)")
+    parser.add_argument("--picture", type=Path, default=None, metavar="PNG",
+                        help="with --report: also draw 6 val crossings, ground truth, maskrcnn and dacseg (seed 0)")
+    parser.add_argument("--evals", type=number_arg(int, low=1), default=Setting.evals, help="val scorings along the way")
+    parser.add_argument("--steps", type=number_arg(int, low=1), default=Setting.steps, help="optimizer steps")
+    parser.add_argument("--train-data", choices=("crops", "whole", "both"), default=Setting.train_data)
+    parser.add_argument("--crop-size", type=number_arg(int, low=64), default=Setting.crop_size)
+    parser.add_argument("--synthetic", type=number_arg(int, low=0), default=0,
+                        help="add the crossing crops of N synthetic spreads to training (default 0)")
+    parser.add_argument("--save-dir", type=Path, default=None, help="also save each model as a train.py checkpoint")
+    parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=1)
+    parser.add_argument("--bootstrap", type=number_arg(int, low=100), default=1000, help="bootstrap draws")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.report is not None:
+        from bench.crossings_report import picture, report  # noqa: PLC0415
+
+        print(report(args.report, args.bootstrap))
+        if args.picture is not None:
+            with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
+                data = prepare(args.data_path, Path(work), Setting(crop_size=args.crop_size))
+                print(f"wrote {picture(args.report, data['crops'], args.picture)}")
+        return 0
+    setting = Setting(crop_size=args.crop_size, train_data=args.train_data, steps=args.steps, evals=args.evals,
+                      synthetic=args.synthetic)
+    print(f"# bench_crossings: {setting}\n# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
+        data = prepare(args.data_path, Path(work), setting)
+        shutil.copyfile(data["crops"] / "annotations" / "instances_val.json", args.out / VAL_CROPS)
+        for seed in args.seeds:
+            for name in args.variants:
+                run = train_and_score(name, seed, setting, data, args.workers, args.save_dir)
+                path = args.out / f"{name}_seed{seed}.json"
+                path.write_text(json.dumps(dataclasses.asdict(run)) + "\n")
+                print(f"{name} seed {seed}: {run.steps} steps in {run.train_s:.0f} s -> {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The tables of ``bench_crossings.py``'s saved runs: every variant's crossing and control metrics (mean over seeds
+± half the max-min spread) and its paired bootstrap difference from ``maskrcnn``."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_utils.evaluation.crossings import METRICS, CropScore, crop_scores, summarize  # noqa: E402
+from train_utils.evaluation.stats import bootstrap_draws, paired_difference, seed_spread  # noqa: E402
+
+BASELINE = "maskrcnn"
+DIFF_METRICS = ("pairs75", "pairs50", "AP", "AP75", "recall75", "mean_iou")
+CONTROL_METRICS = ("AP", "AP75", "recall75", "mean_iou")
+VAL_CROPS = "val_crops.json"
+
+
+def load_gt(runs_dir: Path) -> COCO:
+    coco = COCO()
+    coco.dataset = json.loads((runs_dir / VAL_CROPS).read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_runs(runs_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> the saved run."""
+    runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for path in sorted(runs_dir.glob("*_seed*.json")):
+        run = json.loads(path.read_text())
+        runs[run["variant"]][int(run["seed"])] = run
+    return runs
+
+
+class Scored:
+    """One run's crop scores by kind, their metrics on all crops and on every bootstrap draw."""
+
+    def __init__(self, crops: Sequence[CropScore], draws: dict[str, np.ndarray]) -> None:
+        self.by_kind = {kind: [c for c in crops if c.kind == kind] for kind in ("crossing", "control")}
+        self.all = {kind: summarize(items) for kind, items in self.by_kind.items()}
+        self.draws = {kind: np.array([[summarize([items[k] for k in row])[m] for m in METRICS]
+                                      for row in draws[kind]]) for kind, items in self.by_kind.items()}
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, spread = seed_spread(values)
+    return f"{mean:.3f} ±{spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def report(runs_dir: Path, draws: int = 1000) -> str:
+    coco = load_gt(runs_dir)
+    runs = load_runs(runs_dir)
+    if not runs:
+        return f"no runs in {runs_dir}"
+    kinds = {kind: sum(img.get("kind") == kind for img in coco.dataset["images"]) for kind in ("crossing", "control")}
+    rows = {kind: bootstrap_draws(count, draws, seed=1) for kind, count in kinds.items()}
+    scored = {name: {seed: Scored(crop_scores(coco, run["detections"]), rows) for seed, run in sorted(seeds.items())}
+              for name, seeds in runs.items()}
+    lines = [f"val crops: {kinds['crossing']} crossing ({sum(len(i.get('pairs', [])) for i in coco.dataset['images'])}"
+             f" pairs), {kinds['control']} control; {draws} bootstrap draws over crops, paired by seed", ""]
+    lines += ["| variant | seeds | steps | train s | crossing AP | AP75 | R@0.5 | R@0.75 | mean IoU | pairs@0.5 | "
+              "pairs@0.75 | control AP | control R@0.75 |", "|---" * 13 + "|"]
+    for name, seeds in scored.items():
+        some = runs[name][next(iter(seeds))]
+        cross = [[s.all["crossing"][m] for s in seeds.values()] for m in
+                 ("AP", "AP75", "recall50", "recall75", "mean_iou", "pairs50", "pairs75")]
+        control = [[s.all["control"][m] for s in seeds.values()] for m in ("AP", "recall75")]
+        train_s = np.mean([runs[name][seed]["train_s"] for seed in seeds])
+        lines.append(f"| {name} | {','.join(map(str, seeds))} | {some['steps']} | {train_s:.0f} | "
+                     + " | ".join(_cell(v) for v in cross + control) + " |")
+    if BASELINE in scored:
+        lines += ["", f"Differences from {BASELINE} (mean over the seeds both have [95% paired bootstrap interval]):",
+                  "", "| variant | " + " | ".join(f"crossing {m}" for m in DIFF_METRICS) + " | control AP |",
+                  "|---" * (len(DIFF_METRICS) + 2) + "|"]
+        for name in scored:
+            if name == BASELINE:
+                continue
+            cells = [str(_difference(scored[name], scored[BASELINE], "crossing", m)) for m in DIFF_METRICS]
+            cells.append(str(_difference(scored[name], scored[BASELINE], "control", "AP")))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _difference(a: dict[int, Scored], b: dict[int, Scored], kind: str, metric: str):
+    seeds = sorted(set(a) & set(b))
+    index = METRICS.index(metric)
+    return paired_difference([a[s].all[kind][metric] for s in seeds], [b[s].all[kind][metric] for s in seeds],
+                             np.stack([a[s].draws[kind][:, index] for s in seeds]),
+                             np.stack([b[s].draws[kind][:, index] for s in seeds]))
+
+
+def picture(runs_dir: Path, crops_root: Path, out: Path, variants: Sequence[str] = (BASELINE, "dacseg"),
+            seed: int = 0, count: int = 6, score_thresh: float = 0.5) -> Path:
+    """One PNG: ``count`` val crossing crops in rows, the ground truth then each variant's detections (seed
+    ``seed``, score >= ``score_thresh``); crossing instances / detections flagged overlapping are outlined."""
+    import torch  # noqa: PLC0415
+    from pycocotools import mask as mask_utils  # noqa: PLC0415
+
+    from my_dataset_chromosome import read_image  # noqa: PLC0415
+    from tools.show_dataset import compose  # noqa: PLC0415
+    from train_utils.outputs.visualize import draw_instances  # noqa: PLC0415
+
+    coco = load_gt(runs_dir)
+    runs = load_runs(runs_dir)
+    crossing = [img for img in sorted(coco.dataset["images"], key=lambda i: i["id"]) if img["kind"] == "crossing"]
+    picked = crossing[:: max(1, len(crossing) // count)][:count]
+    rows = []
+    for img in picked:
+        image = read_image(crops_root / "images" / img["file_name"])
+        anns = coco.imgToAnns.get(img["id"], [])
+        gt = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])) if anns else torch.zeros(0, *image.shape[1:])
+        row = [draw_instances(image, gt.bool(), overlapping=torch.tensor([bool(a["overlapping"]) for a in anns]),
+                              title=f"ground truth: {img['source']}", min_side=320)]
+        for name in variants:
+            dets = [d for d in runs[name][seed]["detections"]
+                    if d["image_id"] == img["id"] and d["score"] >= score_thresh]
+            masks = torch.from_numpy(np.stack([mask_utils.decode(d["segmentation"]) for d in dets])) if dets \
+                else torch.zeros(0, *image.shape[1:], dtype=torch.uint8)
+            row.append(draw_instances(image, masks.bool(), title=f"{name} seed {seed}: {len(dets)} >= {score_thresh}",
+                                      min_side=320))
+        rows.append(row)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compose(rows).save(out)
+    return out

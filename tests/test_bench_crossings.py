@@ -1,0 +1,92 @@
+"""bench/bench_crossings.py and bench/crossings_report.py, without training: the variants build, the report's
+tables and intervals on hand-made runs, the picture."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import bench_crossings as bench
+from bench.crossings_report import picture, report
+from tests.test_crossing_crops import two_crossing_bars_and_a_lone_one
+from tools.crossing_crops import cut_crops
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xcrops")
+    two_crossing_bars_and_a_lone_one(root / "src")
+    cut_crops(root / "src", "val", root / "crops", crop_size=100, margin=5)
+    return root / "crops"
+
+
+def write_runs(crops, runs_dir, found: dict[str, list[bool]]):
+    """Runs whose detections are the ground-truth masks of the crossing crop's focus instances listed as found."""
+    doc = json.loads((crops / "annotations" / "instances_val.json").read_text())
+    runs_dir.mkdir()
+    (runs_dir / bench.VAL_CROPS).write_text(json.dumps(doc))
+    focus = [a for a in doc["annotations"] if a["focus"]]
+    for name, per_seed in found.items():
+        for seed, hit in enumerate(per_seed):
+            dets = [{"image_id": a["image_id"], "category_id": 1, "segmentation": a["segmentation"], "score": 0.9,
+                     "bbox": a["bbox"]} for k, a in enumerate(focus) if hit or k % 2]
+            run = bench.Run(name, seed, {}, steps=10, train_s=1.0, detections=dets)
+            (runs_dir / f"{name}_seed{seed}.json").write_text(json.dumps(run.__dict__))
+
+
+def test_report_has_every_variant_and_its_paired_difference(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [False, False, False], "dacseg": [True, True, True]})
+    text = report(tmp_path / "runs", draws=50)
+    assert "val crops: 1 crossing (1 pairs), 1 control" in text
+    dacseg_row = next(line for line in text.splitlines() if line.startswith("| dacseg | 0,1,2 | 10 |"))
+    maskrcnn_row = next(line for line in text.splitlines() if line.startswith("| maskrcnn | 0,1,2 | 10 |"))
+    assert "| 1.000 ±0.000 | 1.000 ±0.000 | 1.000 ±0.000 |" in dacseg_row  # pairs and recall: all found
+    assert "| 0.000 ±0.000 |" in maskrcnn_row  # no pair separated: one arm always missing
+    diff = next(line for line in text.splitlines() if line.startswith("| dacseg | +1.000"))
+    assert "[+1.000, +1.000]" in diff  # one crop: every draw is that crop
+
+
+def test_identical_runs_are_not_resolved(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [True, False], "stock": [True, False]})
+    row = next(line for line in report(tmp_path / "runs", draws=100).splitlines() if line.startswith("| stock | +0"))
+    assert "not resolved" in row
+
+
+def test_picture_draws_ground_truth_and_both_models(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [False], "dacseg": [True]})
+    out = picture(tmp_path / "runs", crops, tmp_path / "x.png", count=6)
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(out) as img:
+        assert img.width > 3 * 320 and img.height >= 320  # one crossing crop: one row of three panels
+
+
+@pytest.mark.parametrize("name", ["stock", "maskrcnn_mask14", "dacseg_gated"])
+def test_variants_build_at_the_crops_scale(name):
+    torch.manual_seed(0)
+    setting = bench.Setting(crop_size=96)
+    model = bench.make_model(bench.VARIANTS[name], setting, num_classes=1).eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 96)])[0]
+    assert out["masks"].shape[-2:] == (96, 96)
+    expected = 7 if name == "maskrcnn_mask14" else 14
+    assert model.roi_heads.mask_roi_pool.output_size == (expected, expected)
+
+
+def test_every_variant_has_a_valid_config_with_its_options():
+    for name, variant in bench.VARIANTS.items():
+        config = bench.model_config(variant, bench.Setting(), 1, 576, 768)  # as its checkpoint records it
+        assert config.name == ("maskrcnn" if variant.model == "stock" else variant.model)
+        for key, value in variant.config:
+            assert getattr(config, key) == value, name
+        assert (config.min_size, config.max_size, config.backbone) == (576, 768, "resnet18")
+
+
+def test_seeded_batches_depend_on_seed_and_pass_only():
+    a, b = bench.SeededBatches(10, 4, seed=3), bench.SeededBatches(10, 4, seed=3)
+    assert [t.tolist() for t in a] == [t.tolist() for t in b] and len(a) == 3
+    b.set_epoch(1)
+    assert [t.tolist() for t in a] != [t.tolist() for t in b]
+    assert sorted(np.concatenate([t.numpy() for t in a]).tolist()) == list(range(10))
