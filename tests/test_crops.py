@@ -41,6 +41,8 @@ def test_a_bar_comes_out_upright_at_its_true_length(angle):
     assert not (np.abs(pixels.astype(int) - 30).max(axis=-1) <= 3).any()  # nothing of the field
     x, y, w, h = crop.bbox
     assert mask[y:y + h, x:x + w].sum() == mask.sum()
+    boxed = make_crop(image, mask[y - 3:y + h, x - 2:], background=(255, 255, 255), margin=5, origin=(x - 2, y - 3))
+    assert boxed.bbox == crop.bbox and np.array_equal(np.asarray(boxed.picture), pixels)  # a box-sized mask
 
 
 def test_crop_height_scales_and_an_empty_mask_is_refused():

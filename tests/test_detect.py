@@ -1,4 +1,4 @@
-"""inference.detect: the one inference path, bounded mask pasting, and model preparation."""
+"""inference.detect: the one inference path, masks pasted at their box size, and model preparation."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,6 +9,7 @@ import torch
 from errors import UserError
 from network_files.config import ModelConfig
 from train_utils.inference.detect import detect, paste_detections, prepare_model
+from train_utils.masks import BoxMasks
 
 H, W = 48, 64
 
@@ -32,19 +33,22 @@ def roi_output(overlap: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("paste_bytes", [1, 2 * 4 * H * W, 10**9])  # one mask, two masks, all at once
-def test_pasting_in_pieces_gives_torchvisions_masks_as_bool(paste_bytes):
+@pytest.mark.parametrize("mask_thresh", [0.5, None])
+def test_masks_stay_at_box_size_and_paste_to_torchvisions_masks(mask_thresh):
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
     rois = roi_output(overlap=True)
-    out = paste_detections(rois, (H, W), mask_thresh=0.5, paste_bytes=paste_bytes)
+    out = paste_detections(rois, (H, W), mask_thresh=mask_thresh)
     full = paste_masks_in_image(rois["masks"], rois["boxes"], (H, W))
-    assert out["masks"].dtype == torch.bool and out["masks"].shape == (5, 1, H, W)
-    assert torch.equal(out["masks"], full > 0.5)
+    assert isinstance(out["masks"], BoxMasks) and out["masks"].size == (H, W)
+    assert all(patch.shape == (y1 - y0, x1 - x0)
+               for patch, (x0, y0, x1, y1) in zip(out["masks"].patches, out["masks"].regions.tolist()))
+    assert sum(patch.numel() for patch in out["masks"].patches) < 2 * H * W  # one box is the whole image
+    assert torch.equal(out["masks"].full(), full > 0.5 if mask_thresh is not None else full)
     edge = paste_masks_in_image(rois["overlap_edge"], rois["boxes"], (H, W))[:, 0].amax(dim=0)
-    assert out["overlap_edge"].shape == (H, W) and torch.allclose(out["overlap_edge"], edge)
-    none = paste_detections(first(rois, 0), (H, W), paste_bytes=paste_bytes)
-    assert none["masks"].shape == (0, 1, H, W) and not none["overlap_mask"].any()
+    assert out["overlap_edge"].shape == (H, W) and torch.equal(out["overlap_edge"], edge)
+    none = paste_detections(first(rois, 0), (H, W))
+    assert len(none["masks"]) == 0 and not none["overlap_mask"].any()
 
 
 @pytest.mark.parametrize("name", ["maskrcnn", "dacseg"])
@@ -59,11 +63,11 @@ def test_detect_matches_the_models_own_forward(name):
     images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
     with torch.no_grad():
         expected = model(images)
-    outputs = detect(model, images, mask_thresh=0.5, paste_bytes=1)
+    outputs = detect(model, images, mask_thresh=0.5)
     for output, want in zip(outputs, expected):
         assert len(output["scores"]) == 5
         assert torch.allclose(output["boxes"], want["boxes"]) and torch.equal(output["labels"], want["labels"])
-        assert torch.equal(output["masks"], want["masks"] > 0.5)
+        assert torch.equal(output["masks"].full(), want["masks"] > 0.5)
         if name == "dacseg":
             assert torch.allclose(output["overlap_scores"], want["overlap_scores"])
 
@@ -72,7 +76,7 @@ def test_detect_calls_other_models_as_they_are_and_thresholds_their_masks():
     masks = torch.tensor([[[[0.2, 0.7], [0.5, 0.9]]]])
     stand_in = lambda images: [{"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "masks": masks.clone()}]  # noqa: E731
     output = detect(stand_in, [torch.zeros(3, 2, 2)], mask_thresh=0.5)[0]
-    assert output["masks"].tolist() == [[[[False, True], [False, True]]]]
+    assert output["masks"].full().tolist() == [[[[False, True], [False, True]]]]
 
 
 def test_prepare_model_sets_the_score_threshold_and_asks_for_maps():
@@ -107,12 +111,12 @@ def test_bf16_runs_the_backbone_only_and_channels_last_changes_nothing():
     model.roi_heads.box_head.register_forward_hook(lambda m, a, out: dtypes.append(("box head", out.dtype)))
     fast = detect(apply_speedups(model, Speedups(bf16=True, channels_last=True)), [image])[0]
     assert dtypes == [("body", torch.bfloat16), ("box head", torch.float32)]
-    assert fast["masks"].dtype == torch.bool and fast["scores"].dtype == torch.float32
+    assert all(p.dtype == torch.bool for p in fast["masks"].patches) and fast["scores"].dtype == torch.float32
     apply_speedups(model, Speedups(channels_last=True))
     assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     nhwc = detect(model, [image])[0]
     assert torch.allclose(nhwc["boxes"], reference["boxes"], atol=1e-3) and torch.equal(nhwc["labels"], reference["labels"])
-    assert (nhwc["masks"] != reference["masks"]).sum() <= 2 * len(reference["masks"])  # a rounding pixel or so
+    assert (nhwc["masks"].full() != reference["masks"].full()).sum() <= 2 * len(reference["masks"])  # a pixel or so
     apply_speedups(model, Speedups())
     assert model.backbone.body.conv1.weight.is_contiguous()
 

@@ -35,6 +35,9 @@ def test_a_traced_bar_rasterises_back_to_its_pixels(angle):
     assert len(polygons) == 1
     assert np.array_equal(rasterise(polygons), mask)
     assert len(polygons[0]) < mask.sum() / 2  # the points along straight runs are dropped
+    rows, cols = np.nonzero(mask)
+    boxed = mask_polygons(mask[rows.min():, cols.min() - 1:], origin=(cols.min() - 1, rows.min()))  # a box's mask
+    assert len(boxed) == 1 and np.array_equal(boxed[0], polygons[0])
 
 
 def test_a_mask_touching_the_image_edge_is_closed_along_the_edge():

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import predict
 from errors import UserError
@@ -205,6 +207,49 @@ def test_an_image_too_large_for_the_memory_is_skipped_and_nothing_is_lost(tiny_c
     assert {r["image_id"] for r in read_lines_json(out / "predictions.json")} == {1, 3}
 
 
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any tensor made by a torch operation inside it had."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+def test_a_large_image_with_many_detections_never_holds_a_mask_per_detection_at_its_size(tmp_path):
+    """100 detections on a 3000x3000 image: from the mask head through the overlay, predictions.json, the crops
+    and the labelme outlines, no tensor holds more than the RGB image's 3 x H x W values (pasting every mask at the
+    image's size took [100, 1, H, W])."""
+    from train_utils.jobs.predict import CropOptions, PredictOptions, predict_files
+
+    size, count = 3000, 100
+    model = build_model(ModelConfig(backbone="resnet18", min_size=64, max_size=64, trainable_layers=0,
+                                    norm_layer="frozen_bn")).eval()
+    corners = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="xy"), dim=-1).reshape(-1, 2)
+    masks = torch.zeros(count, 1, 28, 28)
+    masks[:, :, 3:25, 9:19] = 0.9  # a chromosome standing in its box
+    found = {"boxes": torch.cat([corners * 6.4 + 1, corners * 6.4 + 5], dim=1), "labels": torch.ones(count).long(),
+             "scores": torch.linspace(0.99, 0.5, count), "masks": masks}
+    model.roi_heads.forward = lambda features, proposals, image_shapes, targets=None: ([dict(found)], {})
+    Image.new("L", (size, size), 40).save(tmp_path / "slide.png")
+    options = PredictOptions(crops=CropOptions(tmp_path / "crops"), export=("labelme",))
+    with LargestTensor() as largest:
+        summary = predict_files(model, [tmp_path / "slide.png"], tmp_path / "out", {1: "chromosome"}, {1: 1},
+                                options=options)
+    assert summary.num_detections == count and not summary.failed
+    assert 3 * size * size <= largest.numel < 4 * size * size  # the image itself (as floats, as RGB bytes); no more
+    results = read_lines_json(tmp_path / "out" / "predictions.json")
+    assert len(results) == count and results[0]["segmentation"]["size"] == [size, size]
+    assert len(json.loads((tmp_path / "out" / "labelme" / "slide.json").read_text())["shapes"]) == count
+    assert len(json.loads((tmp_path / "crops" / "crops.json").read_text())) == count
+
+
 def test_a_run_stopped_half_way_keeps_the_images_done(tiny_coco, maskrcnn_ckpt, tmp_path, monkeypatch):
     from train_utils.jobs import predict as predict_job
 
@@ -292,7 +337,8 @@ def test_overlay_labels_choose_what_is_written_over_the_masks(labels, boxes, cap
     monkeypatch.setattr(jobs_predict, "draw_instances", fake_draw)
     overlay(torch.zeros(3, H, W), hand_output([0.9, 0.2, 0.1]), {1: "chromosome", 2: "marker"}, labels=labels)
     assert (drawn["boxes"] is not None) == boxes and drawn["captions"] == captions
-    assert drawn["masks"].shape == (3, H, W) and drawn["overlapping"].tolist() == [True, False, False]
+    assert drawn["masks"].size == (H, W) and len(drawn["masks"]) == 3
+    assert drawn["overlapping"].tolist() == [True, False, False]
     with pytest.raises(ValueError, match="unknown overlay labels 'boxes'"):
         overlay(torch.zeros(3, H, W), hand_output(), {1: "chromosome"}, labels="boxes")
 

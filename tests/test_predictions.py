@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from train_utils.outputs.predictions import ImagesIndex, PredictionsWriter, outputs_to_coco_results
+from train_utils.masks import BoxMasks
+from train_utils.outputs.predictions import ImagesIndex, PredictionsWriter, box_mask_rle, outputs_to_coco_results
 
 
 def test_outputs_become_coco_entries_with_rle_masks():
@@ -88,3 +90,31 @@ def test_images_json_is_whole_after_every_image_and_failure(tmp_path):
     assert doc["failed"] == [{"id": 2, "file_name": str((tmp_path / "b.png").resolve()),
                               "error": "cannot read image b.png: truncated"}]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_box_masks_encode_to_the_rle_of_the_pasted_mask_byte_for_byte():
+    """Each mask is encoded from its box, without an image-sized array: the same RLE as pycocotools' encode of the
+    mask pasted into the image, at every edge, empty and full."""
+    rng = np.random.default_rng(0)
+    height, width = 37, 53
+    regions = [(0, 0, width, height), (0, 0, 0, 0), (3, 4, 3, 9), (width - 1, height - 1, width, height)]
+    for _ in range(300):
+        (x0, x1), (y0, y1) = sorted(rng.integers(0, width + 1, 2)), sorted(rng.integers(0, height + 1, 2))
+        regions.append((int(x0), int(y0), int(x1), int(y1)))
+    for x0, y0, x1, y1 in regions:
+        patch = rng.random((y1 - y0, x1 - x0)) < rng.choice([0.0, 0.5, 1.0])
+        full = np.zeros((height, width), dtype=np.uint8)
+        full[y0:y1, x0:x1] = patch
+        want = mask_utils.encode(np.asfortranarray(full[:, :, None]))[0]
+        got = box_mask_rle(patch, (x0, y0, x1, y1), (height, width))
+        assert got["counts"] == want["counts"] and list(got["size"]) == [height, width], (x0, y0, x1, y1)
+
+
+def test_box_masks_and_image_sized_masks_give_the_same_entries():
+    masks = torch.zeros(2, 1, 20, 30)
+    masks[0, 0, 2:6, 3:10] = 0.9
+    masks[1, 0, 10:20, 25:30] = 0.7
+    output = {"boxes": torch.tensor([[3.0, 2.0, 10.0, 6.0], [25.0, 10.0, 30.0, 20.0]]),
+              "scores": torch.tensor([0.91, 0.3]), "labels": torch.tensor([1, 1]), "masks": masks}
+    boxed = {**output, "masks": BoxMasks.from_full(masks)}
+    assert outputs_to_coco_results([boxed], [7], {1: 1}) == outputs_to_coco_results([output], [7], {1: 1})

@@ -12,6 +12,7 @@ import validation
 from network_files import ModelConfig, build_model
 from train_utils.engine.checkpoint import save_checkpoint
 from train_utils.inference.tta import VIEWS, FlipTTA, _unflip, merge_views
+from train_utils.masks import as_box_masks
 
 H, W = 40, 60
 
@@ -38,7 +39,9 @@ def test_unflip_maps_boxes_and_masks_back():
         if -2 in dims:
             boxes[:, [1, 3]] = H - original["boxes"][:, [3, 1]]
         back = _unflip({**flipped, "boxes": boxes}, dims, (H, W))
-        assert torch.equal(back["boxes"], original["boxes"]) and torch.equal(back["masks"], original["masks"])
+        assert torch.equal(back["boxes"], original["boxes"]) and torch.equal(back["masks"].full(), original["masks"])
+        boxed = _unflip({**flipped, "boxes": boxes, "masks": as_box_masks(flipped["masks"])}, dims, (H, W))
+        assert torch.equal(boxed["masks"].full(), original["masks"])
 
 
 def test_matched_views_average_and_a_lone_detection_keeps_a_quarter():
@@ -48,9 +51,12 @@ def test_matched_views_average_and_a_lone_detection_keeps_a_quarter():
     views = [concat(a, lone), shifted, a, shifted]
     merged = merge_views(views, score_thresh=0.0)
     assert merged["scores"].tolist() == pytest.approx([(0.8 + 0.6 + 0.8 + 0.6) / 4, 0.9 / 4])
-    assert merged["masks"].shape == (2, 1, H, W)
-    assert merged["masks"][0, 0, 20, 5].item() == pytest.approx(0.9 / 2)  # covered in two of the four views
-    assert merged["masks"][0, 0, 20, 10].item() == pytest.approx(0.9)
+    masks = merged["masks"].full()
+    assert masks.shape == (2, 1, H, W) and merged["masks"].regions[0].tolist() == [5, 10, 21, 30]  # the views' union
+    assert masks[0, 0, 20, 5].item() == pytest.approx(0.9 / 2)  # covered in two of the four views
+    assert masks[0, 0, 20, 10].item() == pytest.approx(0.9)
+    boxed = merge_views([{**view, "masks": as_box_masks(view["masks"])} for view in views], score_thresh=0.0)
+    assert torch.equal(boxed["masks"].full(), masks) and torch.equal(boxed["boxes"], merged["boxes"])
     assert merged["boxes"][0].tolist() == [6, 10, 20, 30]  # the merged mask's box: where two views of four agree
     kept = merge_views(views, score_thresh=0.5)
     assert len(kept["scores"]) == 1  # the lone detection's 0.225 is below the threshold
@@ -62,7 +68,7 @@ def test_the_merge_keeps_at_most_the_detections_asked_for_best_first():
     views = [detection([5 + 12 * k, 5, 15 + 12 * k, 30], 0.9 - 0.1 * k) for k in range(4)]
     assert len(merge_views(views)["scores"]) == 4
     capped = merge_views(views, max_detections=2)
-    assert capped["scores"].tolist() == pytest.approx([0.9 / 4, 0.8 / 4]) and capped["masks"].shape == (2, 1, H, W)
+    assert capped["scores"].tolist() == pytest.approx([0.9 / 4, 0.8 / 4]) and len(capped["masks"]) == 2
     assert capped["boxes"][:, 0].tolist() == [5, 17]
     exported = types.SimpleNamespace(config=ModelConfig(box_detections_per_img=7))  # an ONNX model has no roi_heads
     assert FlipTTA(exported).max_detections == 7 and FlipTTA(exported, max_detections=3).max_detections == 3
@@ -95,7 +101,7 @@ def test_flip_tta_wraps_a_real_detector(checkpoint):
     with torch.no_grad():
         (out,) = tta([image])
         plain = model([image])[0]
-    assert out["masks"].shape[1:] == (1, 96, 128) and len(out["scores"]) >= 1
+    assert out["masks"].size == (96, 128) and len(out["scores"]) >= 1
     assert out["scores"].max() <= plain["scores"].max() + 1e-6  # a mean over views never beats the best view
     assert len(plain["scores"]) == len(out["scores"]) == 5  # --detections-per-img 5: no more with flips
     assert out["scores"].tolist() == sorted(out["scores"].tolist(), reverse=True)

@@ -120,3 +120,26 @@ def test_dataset_tv_tensors_are_accepted():
     picture = draw_instances(tv_tensors.Image(torch.zeros(3, H, W)), masks, boxes, ["1", "2", "3"],
                              torch.tensor([True, True, False]), alpha=1.0, min_side=0)
     assert tuple(rgb(picture)[45, 68]) in PALETTE
+
+
+def test_box_masks_draw_the_pixels_of_one_full_size_call(monkeypatch):
+    """Masks at their box size, pasted a band of rows at a time (bands of 5 rows here, some reaching no mask), give
+    the picture of one ``draw_segmentation_masks`` call with every mask at the image's size, and the same outline."""
+    from torchvision.utils import draw_segmentation_masks
+
+    from train_utils.masks import BoxMasks
+    from train_utils.outputs import visualize
+
+    real_bands = visualize.row_bands
+    monkeypatch.setattr(visualize, "row_bands", lambda height, bytes_per_row: real_bands(height, bytes_per_row,
+                                                                                         budget=5 * bytes_per_row))
+    torch.manual_seed(0)
+    image = torch.rand(3, H, W)  # blending rounds differently on every grey level
+    masks = crossing_masks()
+    boxed = BoxMasks.from_full(masks)
+    canvas = visualize._to_uint8_rgb(image)
+    colors = instance_colors(boxed.tight_boxes(), margin=max(H, W) / 40)
+    want = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colors)
+    assert np.array_equal(rgb(draw_instances(image, boxed, min_side=0)), want.permute(1, 2, 0).numpy())
+    dilated = torch.nn.functional.max_pool2d(masks[:, None].float(), 7, stride=1, padding=3)[:, 0] > 0
+    assert torch.equal(overlap_outline(boxed, radius=3)[0], (dilated & ~masks).any(dim=0))

@@ -17,6 +17,7 @@ from train_utils.engine.loop import collate_fn
 from train_utils.engine.samplers import ShardSampler
 from train_utils.evaluation.coco_eval import evaluate_results
 from train_utils.inference.detect import detect
+from train_utils.masks import BoxMasks
 from train_utils.outputs.predictions import outputs_to_coco_results
 
 
@@ -36,15 +37,16 @@ def iter_predictions(
     mask_threshold: float = 0.5,
     show_progress: bool = False,
 ) -> Iterator[tuple[list[dict[str, torch.Tensor]], list[int]]]:
-    """Per batch of this process's loader: ``(outputs of inference.detect on the CPU, floats in float32; image
-    ids)``."""
+    """Per batch of this process's loader: ``(outputs of inference.detect on the CPU, floats in float32, masks at
+    their box size; image ids)``."""
     model.eval()
     for images, targets in tqdm(data_loader, desc="eval", unit="img", disable=None if show_progress else True,
                                 dynamic_ncols=True):
         images = [image.to(device, non_blocking=True) for image in images]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = detect(model, images, mask_threshold)
-        outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()} for out in outputs]
+        outputs = [{k: v.cpu() if isinstance(v, BoxMasks) else (v.float() if v.is_floating_point() else v).cpu()
+                    for k, v in out.items()} for out in outputs]
         yield outputs, [int(t["image_id"]) for t in targets]
 
 

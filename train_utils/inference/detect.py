@@ -1,25 +1,25 @@
 """Running a model on images: the one inference path of evaluation (training, ``validation.py``) and ``predict.py``.
 
-``detect`` takes the steps of torchvision's ``GeneralizedRCNN.forward`` in eval mode, but pastes the masks itself a
-few at a time and thresholds them, so a large image with many detections fits in memory.
+``detect`` takes the steps of torchvision's ``GeneralizedRCNN.forward`` in eval mode, but pastes each mask only
+into its box's window of the image (``train_utils.masks``, the same pixels as torchvision's pasting) and thresholds
+it, so the masks of N detections take the sum of their box areas, not N times the image.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
 from errors import UserError
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
+from train_utils.masks import as_box_masks, paste_roi_masks
 
-PASTE_BYTES = 256 * 2**20  # float memory for pasting masks at once; an image then needs ~N bytes per pixel on top
 LEVERS = ("bf16", "channels_last", "no_upscale")
 
 
@@ -52,7 +52,7 @@ def apply_speedups(model: torch.nn.Module, speedups: Speedups) -> torch.nn.Modul
 
 def prepare_model(model: torch.nn.Module, config: ModelConfig, score_thresh: float, overlap_maps: bool = False) -> None:
     """Let the model return exactly the detections scoring at least ``score_thresh`` (so nothing below it is ever
-    pasted at full size) and, for DaCSeg, the auxiliary maps when asked."""
+    pasted) and, for DaCSeg, the auxiliary maps when asked."""
     if overlap_maps and config.name != "dacseg":
         raise UserError(f"overlap maps need a DaCSeg checkpoint; this one holds a {config.name} model")
     heads = getattr(model, "roi_heads", model)  # an exported model (inference.exported) filters by itself
@@ -62,23 +62,27 @@ def prepare_model(model: torch.nn.Module, config: ModelConfig, score_thresh: flo
 
 
 @torch.inference_mode()
-def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: float = 0.5,
-           paste_bytes: int = PASTE_BYTES) -> list[dict[str, torch.Tensor]]:
+def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: float | None = 0.5
+           ) -> list[dict[str, Any]]:
     """Run the (eval-mode) model on ``[3, H, W]`` images on its device; per image its detections at the image's own
-    size: ``boxes``, ``labels``, ``scores``, ``masks`` ``[N, 1, H, W]`` bool (probability > ``mask_thresh``) and,
-    for DaCSeg, ``overlap_scores`` and the asked-for overlap maps ``[H, W]`` (the maximum over detections).
+    size: ``boxes``, ``labels``, ``scores``, ``masks`` as ``train_utils.masks.BoxMasks`` (bool: probability >
+    ``mask_thresh``; the probabilities themselves with None) and, for DaCSeg, ``overlap_scores`` and the asked-for
+    overlap maps ``[H, W]`` (the maximum over detections).
 
-    A torchvision ``GeneralizedRCNN`` (Mask R-CNN, DaCSeg, stock torchvision) is run step by step with bounded
-    pasting; any other model (``FlipTTA``, which merges its four views itself, or a stand-in) is called as it is
-    and must return torchvision's inference outputs at the image size."""
+    A torchvision ``GeneralizedRCNN`` (Mask R-CNN, DaCSeg, stock torchvision) is run step by step with box-sized
+    pasting; any other model (``FlipTTA``, which merges its four views itself, an exported model, a stand-in) is
+    called as it is and must return torchvision's inference outputs, its masks as ``BoxMasks`` or at the image
+    size."""
     if not isinstance(model, GeneralizedRCNN):
         outputs = model(list(images))
         for output in outputs:
-            output["masks"] = output["masks"] > mask_thresh
+            if "masks" in output:
+                masks = as_box_masks(output["masks"])
+                output["masks"] = masks if mask_thresh is None else masks.binary(mask_thresh)
         return outputs
     speedups = getattr(model, "speedups", None) or Speedups()
     if speedups.no_upscale and len(images) > 1:  # the native scale is each image's own
-        return [output for image in images for output in detect(model, [image], mask_thresh, paste_bytes)]
+        return [output for image in images for output in detect(model, [image], mask_thresh)]
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
     with _native_scale(model.transform, sizes, speedups.no_upscale):
         batch, _ = model.transform(list(images))
@@ -95,7 +99,7 @@ def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: 
     for found, resized, size in zip(detections, batch.image_sizes, sizes):
         found = {k: v.float() if v.is_floating_point() else v for k, v in found.items()}
         found["boxes"] = resize_boxes(found["boxes"], resized, size)
-        outputs.append(paste_detections(found, size, mask_thresh, paste_bytes))
+        outputs.append(paste_detections(found, size, mask_thresh))
     return outputs
 
 
@@ -112,25 +116,22 @@ def _native_scale(transform, sizes: Sequence[tuple[int, int]], enabled: bool) ->
         transform.min_size = saved
 
 
-def paste_detections(
-    detections: Mapping[str, torch.Tensor], size: tuple[int, int], mask_thresh: float = 0.5,
-    paste_bytes: int = PASTE_BYTES,
-) -> dict[str, torch.Tensor]:
-    """Paste ``[N, 1, M, M]`` RoI masks (boxes already at ``size``) a few at a time, within ``paste_bytes`` of float:
-    ``masks`` becomes ``[N, 1, H, W]`` bool (probability > ``mask_thresh``), each overlap map ``[H, W]`` max over N."""
+def paste_detections(detections: Mapping[str, torch.Tensor], size: tuple[int, int],
+                     mask_thresh: float | None = 0.5) -> dict[str, Any]:
+    """Paste ``[N, 1, M, M]`` RoI masks (boxes already at ``size``) each into its box's window: ``masks`` becomes
+    ``BoxMasks`` (bool: probability > ``mask_thresh``; probabilities with None), each overlap map ``[H, W]`` the
+    maximum over the N detections."""
     out = dict(detections)
     boxes = detections["boxes"]
-    chunk = max(1, paste_bytes // (4 * size[0] * size[1]))
-    pieces = [slice(i, i + chunk) for i in range(0, len(boxes), chunk)]
     if "masks" in detections:
-        masks = detections["masks"]
-        out["masks"] = torch.empty((len(boxes), 1, *size), dtype=torch.bool, device=masks.device)
-        for p in pieces:  # filled in place: a list of pieces and their concatenation would hold every mask twice
-            out["masks"][p] = paste_masks_in_image(masks[p], boxes[p], size) > mask_thresh
+        masks = paste_roi_masks(detections["masks"], boxes, size)
+        out["masks"] = masks if mask_thresh is None else masks.binary(mask_thresh)
     for key in OVERLAP_MAP_KEYS:
         if key in detections:
             best = torch.zeros(size, device=boxes.device)
-            for p in pieces:
-                best = torch.maximum(best, paste_masks_in_image(detections[key][p], boxes[p], size)[:, 0].amax(dim=0))
+            pasted = paste_roi_masks(detections[key], boxes, size)
+            for patch, (x0, y0, x1, y1) in zip(pasted.patches, pasted.regions.tolist()):
+                window = best[y0:y1, x0:x1]
+                torch.maximum(window, patch, out=window)
             out[key] = best
     return out

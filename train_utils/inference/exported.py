@@ -4,9 +4,11 @@
 The ONNX graph takes one ``image`` ``[3, H, W]`` float32 in 0..1 of any size and returns ``boxes`` ``[N, 4]``,
 ``labels`` ``[N]``, ``scores`` ``[N]``, ``masks`` ``[N, 1, H, W]`` probabilities at the image's size and, for
 DaCSeg, ``overlap_scores`` ``[N]``, every detection up to the model's ``box_detections_per_img`` (the graph is
-exported with score threshold 0; the detector applies its own). The file's metadata (key ``dacseg``) holds the
-checkpoint's model config, label names and ids, stain polarity and epoch as JSON, so ``predict.py --weights-path
-model.onnx`` needs nothing else.
+exported with score threshold 0; the detector applies its own). ``inference.detect`` keeps each mask only over its
+box (``train_utils.masks``), but the graph itself pastes every mask at the image's size, so running an exported
+model still takes 4 bytes per pixel for each detection the graph returns. The file's metadata (key ``dacseg``)
+holds the checkpoint's model config, label names and ids, stain polarity and epoch as JSON, so ``predict.py
+--weights-path model.onnx`` needs nothing else.
 """
 from __future__ import annotations
 

@@ -48,6 +48,7 @@ from train_utils.engine.checkpoint import load_model_from_checkpoint
 from train_utils.inference.detect import Speedups, apply_speedups, detect, prepare_model
 from train_utils.inference.exported import load_onnx_model
 from train_utils.inference.tta import FlipTTA
+from train_utils.masks import as_box_masks
 from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
 from train_utils.outputs.exports import ExportImage, Exporter
 from train_utils.outputs.files import check_output_dir, json_list_text, prepare_output_dir, write_text_atomic
@@ -105,8 +106,9 @@ def label_maps(
 
 
 def predict_image(model: torch.nn.Module, image: torch.Tensor, device: torch.device | str,
-                  mask_thresh: float = 0.5, **detect_options: Any) -> tuple[dict[str, torch.Tensor], float]:
-    """``inference.detect`` on one ``[3, H, W]`` image; returns (its output on the CPU, seconds taken)."""
+                  mask_thresh: float = 0.5, **detect_options: Any) -> tuple[dict[str, Any], float]:
+    """``inference.detect`` on one ``[3, H, W]`` image; returns (its output on the CPU, its masks at their box size
+    as ``train_utils.masks.BoxMasks``; seconds taken)."""
     device = torch.device(device)
     image = image.to(device)
     start = time.perf_counter()
@@ -124,7 +126,7 @@ def overlapping_detections(output: Mapping[str, torch.Tensor], overlap_thresh: f
 
 def overlay(
     image: torch.Tensor,
-    output: Mapping[str, torch.Tensor],
+    output: Mapping[str, Any],
     label_names: Mapping[int, str],
     overlap_thresh: float = 0.5,
     title: str | None = None,
@@ -144,8 +146,7 @@ def overlay(
         captions = [f"{k}: {label_names.get(int(c), c)} {s:.2f}" for k, (c, s) in enumerate(zip(classes, scores), 1)]
     else:
         captions = [f"{k}: {s:.2f}" for k, s in enumerate(scores, 1)]
-    masks = output["masks"][:, 0]
-    masks = masks if masks.dtype == torch.bool else masks > mask_thresh
+    masks = as_box_masks(output["masks"]).binary(mask_thresh)
     overlapping = overlapping_detections(output, overlap_thresh)
     boxes = output["boxes"] if labels == "full" else None
     return draw_instances(image, masks, boxes, captions if labels != "none" else None, overlapping, title=title)

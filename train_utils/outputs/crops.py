@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from train_utils.masks import as_box_masks
 from train_utils.outputs.visualize import FONT_PATH
 
 CROP_BACKGROUNDS = ("auto", "white", "black")
@@ -52,8 +53,9 @@ def upright_angle(mask: np.ndarray) -> float:
 
 
 def make_crop(image: np.ndarray, mask: np.ndarray, background: tuple[int, int, int], margin: int = 8,
-              height: int | None = None) -> Crop:
+              height: int | None = None, origin: tuple[int, int] = (0, 0)) -> Crop:
     """Cut ``mask`` out of ``image`` (uint8 ``[H, W, 3]``), turn it upright and frame it with ``margin`` pixels.
+    ``mask`` covers the image from pixel ``origin`` (x, y) on: the whole image, or a detection's box.
 
     ``height`` scales the crop to that many pixels high (keeping its aspect); otherwise it keeps the image's scale.
     """
@@ -61,7 +63,7 @@ def make_crop(image: np.ndarray, mask: np.ndarray, background: tuple[int, int, i
     if len(xs) == 0:
         raise ValueError("make_crop: the mask is empty")
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    patch = image[y0:y1, x0:x1].copy()
+    patch = image[origin[1] + y0:origin[1] + y1, origin[0] + x0:origin[0] + x1].copy()
     inside = mask[y0:y1, x0:x1]
     patch[~inside] = background
     angle = upright_angle(inside)
@@ -76,7 +78,8 @@ def make_crop(image: np.ndarray, mask: np.ndarray, background: tuple[int, int, i
     length = turned.height
     if height is not None:
         framed = framed.resize((max(1, round(framed.width * height / framed.height)), height), Image.BILINEAR)
-    return Crop(framed, round(angle, 2), int(length), int(inside.sum()), [int(x0), int(y0), int(x1 - x0), int(y1 - y0)])
+    return Crop(framed, round(angle, 2), int(length), int(inside.sum()),
+                [int(origin[0] + x0), int(origin[1] + y0), int(x1 - x0), int(y1 - y0)])
 
 
 def crop_background(choice: str, polarity: str) -> tuple[int, int, int]:
@@ -126,20 +129,22 @@ def crop_entry(image_id: int, source: Path, number: int, crop_file: str, crop: C
     return entry
 
 
-def write_image_crops(image: torch.Tensor, output: Mapping[str, torch.Tensor], image_id: int, source: Path,
+def write_image_crops(image: torch.Tensor, output: Mapping[str, Any], image_id: int, source: Path,
                       stem: str, crops_dir: Path, background: tuple[int, int, int], margin: int = 8,
                       height: int | None = None) -> list[dict[str, Any]]:
-    """Write one image's crops and contact sheet into ``crops_dir``; returns their ``crops.json`` entries."""
+    """Write one image's crops and contact sheet into ``crops_dir``; returns their ``crops.json`` entries.
+    ``output["masks"]``: ``train_utils.masks.BoxMasks`` or ``[N, 1, H, W]``, bool (or probabilities, > 0.5)."""
     rgb = (image.detach().float().clamp(0, 1)[:3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)
     overlap = output.get("overlap_scores")
+    masks = as_box_masks(output["masks"]).cpu().binary(0.5)
     entries, crops = [], []
-    for k in range(len(output["scores"])):
-        mask = output["masks"][k, 0].numpy()
+    for k, (patch, (x0, y0, _, _)) in enumerate(zip(masks.patches, masks.regions.tolist())):
+        mask = patch.numpy()
         if not mask.any():
             continue
-        crop = make_crop(rgb, mask, background, margin, height)
+        crop = make_crop(rgb, mask, background, margin, height, origin=(x0, y0))
         name = f"{stem}_{k + 1:03d}.png"
         crop.picture.save(crops_dir / name)
         crops.append((k + 1, crop))

@@ -13,11 +13,12 @@ none. Every detection is traced on its own, so crossing chromosomes keep their o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import contourpy
 import numpy as np
-import torch
+
+from train_utils.masks import as_box_masks
 
 MIN_PIECE_FRACTION = 0.1  # of the largest piece's area: smaller pieces are specks and are left out
 
@@ -31,10 +32,12 @@ def drop_collinear(ring: np.ndarray) -> np.ndarray:
     return ring[keep] if keep.sum() >= 3 else ring
 
 
-def mask_polygons(mask: np.ndarray, min_piece_fraction: float = MIN_PIECE_FRACTION) -> list[np.ndarray]:
+def mask_polygons(mask: np.ndarray, min_piece_fraction: float = MIN_PIECE_FRACTION, *,
+                  origin: tuple[int, int] = (0, 0)) -> list[np.ndarray]:
     """Outline polygons of a binary ``[H, W]`` mask: one ``[K, 2]`` float array of ``(x, y)`` vertices (not closed)
     per piece of at least ``min_piece_fraction`` of the largest piece's area, largest first; ``[]`` for an empty
-    mask. See the module docstring."""
+    mask. See the module docstring. ``mask`` covers the image from pixel ``origin`` (x, y) on (a detection's box),
+    and the vertices are in the image's coordinates."""
     rows, cols = np.nonzero(mask)
     if len(rows) == 0:
         return []
@@ -43,8 +46,8 @@ def mask_polygons(mask: np.ndarray, min_piece_fraction: float = MIN_PIECE_FRACTI
     padded = np.pad(window, 1)  # a closed outline also where the mask touches the window's edge
     generator = contourpy.contour_generator(z=padded, name="serial", fill_type=contourpy.FillType.OuterOffset)
     points, offsets = generator.filled(0.5, 2.0)
-    # array index i is pixel centre i - 1 (the padding) of the window, i.e. pixel edge coordinate i - 0.5 + origin
-    shift = np.array([left - 0.5, top - 0.5])
+    # array index i is pixel centre i - 1 (the padding) of the window, i.e. pixel edge i - 0.5 + the window's corner
+    shift = np.array([left + origin[0] - 0.5, top + origin[1] - 0.5])
     rings = [drop_collinear(p[o[0]:o[1] - 1] + shift) for p, o in zip(points, offsets)]  # the outer ring of each
     areas = [abs(polygon_area(ring)) for ring in rings]
     order = sorted(range(len(rings)), key=lambda i: -areas[i])
@@ -71,21 +74,22 @@ class Outline:
     review: bool = False  # score below --review-below: the annotator looks at it first
 
 
-def detection_outlines(output: Mapping[str, torch.Tensor], label_names: Mapping[int, str],
+def detection_outlines(output: Mapping[str, Any], label_names: Mapping[int, str],
                        label_to_cat_id: Mapping[int, int], review_below: float = 0.0, overlap_thresh: float = 0.5,
                        mask_thresh: float = 0.5) -> list[Outline]:
-    """The outlines of a prediction (``masks`` ``[N, 1, H, W]`` bool or probabilities at the image's size), in the
-    output's order. A detection whose mask is empty has no polygons."""
+    """The outlines of a prediction (``masks`` as ``train_utils.masks.BoxMasks`` or ``[N, 1, H, W]``, bool or
+    probabilities), in the output's order, each traced in its box. A detection whose mask is empty has no polygons."""
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
     overlap = output.get("overlap_scores")
     overlap = None if overlap is None else overlap.detach().float().cpu().tolist()
+    masks = as_box_masks(output["masks"]).cpu().binary(mask_thresh)
     outlines = []
     for k, (score, label) in enumerate(zip(scores, labels)):
-        mask = output["masks"][k, 0].detach().cpu()
-        mask = (mask if mask.dtype == torch.bool else mask > mask_thresh).numpy()
+        x0, y0 = masks.regions[k, :2].tolist()
         outline = Outline(k + 1, str(label_names.get(int(label), label)), int(label_to_cat_id[int(label)]),
-                          float(score), mask_polygons(mask), review=score < review_below)
+                          float(score), mask_polygons(masks.patches[k].numpy(), origin=(x0, y0)),
+                          review=score < review_below)
         if overlap is not None:
             outline.overlap_score, outline.overlapping = float(overlap[k]), overlap[k] >= overlap_thresh
         outlines.append(outline)

@@ -23,14 +23,37 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from train_utils.masks import as_box_masks
 from train_utils.outputs.files import json_lines, write_text_atomic
 
 PREDICTIONS_JSON = "predictions.json"
 IMAGES_JSON = "images.json"
 
 
+def box_mask_rle(patch: np.ndarray, region: Sequence[int], size: tuple[int, int]) -> dict[str, Any]:
+    """The compressed COCO RLE (``size``, ``counts`` as bytes) of the ``[H, W]`` image mask that is the bool
+    ``patch`` at ``region`` (x0, y0, x1, y1) and empty elsewhere, encoded without the image-sized array: exactly
+    what ``pycocotools.mask.encode`` gives for the pasted mask."""
+    height, width = size
+    x0, y0, x1, y1 = (int(v) for v in region)
+    if not patch.any():
+        return mask_utils.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)
+    strip = np.zeros((height, x1 - x0), dtype=np.uint8)  # the region's columns at the image's height
+    strip[y0:y1] = patch
+    column_major = strip.ravel(order="F")  # COCO runs go down each column, then to the next
+    edges = np.flatnonzero(column_major[1:] != column_major[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [column_major.size]])).tolist()
+    before, after = x0 * height, (width - x1) * height  # the empty columns left and right of the region
+    counts = [before] + runs if column_major[0] else [before + runs[0]] + runs[1:]
+    if column_major[-1]:
+        counts += [after] if after else []
+    else:
+        counts[-1] += after
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+
+
 def outputs_to_coco_results(
-    outputs: Sequence[Mapping[str, torch.Tensor]],
+    outputs: Sequence[Mapping[str, Any]],
     image_ids: Sequence[int],
     label_to_cat_id: Mapping[int, int],
     mask_threshold: float = 0.5,
@@ -39,8 +62,8 @@ def outputs_to_coco_results(
     ``segmentation`` (compressed RLE, ``counts`` as str) when the output has ``masks``, and
     ``overlap_score`` when it has ``overlap_scores`` (DaCSeg).
 
-    ``outputs`` are torchvision detection outputs at original image size: ``masks`` ``[N, 1, H, W]`` probabilities
-    (or bool, already thresholded).
+    ``outputs`` are torchvision detection outputs at original image size, ``masks`` as ``train_utils.masks.BoxMasks``
+    or ``[N, 1, H, W]``, bool or probabilities (> ``mask_threshold``); each mask is encoded from its box.
     """
     results: list[dict[str, Any]] = []
     for output, image_id in zip(outputs, image_ids):
@@ -52,12 +75,9 @@ def outputs_to_coco_results(
         labels = output["labels"].detach().cpu().tolist()
         rles = None
         if "masks" in output:
-            masks = output["masks"].detach()[:, 0].cpu()
-            rles = [  # one at a time: a copy of every mask at once would double a huge image's memory
-                mask_utils.encode(np.asfortranarray((m if m.dtype == torch.bool else m > mask_threshold).numpy()
-                                                    .astype(np.uint8)[:, :, None]))[0]
-                for m in masks
-            ]
+            masks = as_box_masks(output["masks"]).cpu().binary(mask_threshold)
+            rles = [box_mask_rle(patch.numpy(), region, masks.size)
+                    for patch, region in zip(masks.patches, masks.regions.tolist())]
         overlap = output.get("overlap_scores")
         overlap = overlap.detach().float().cpu().tolist() if overlap is not None else None
         for k in range(len(scores)):

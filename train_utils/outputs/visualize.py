@@ -2,7 +2,8 @@
 
 Drawing is done by ``torchvision.utils.draw_segmentation_masks`` / ``draw_bounding_boxes``; this module only picks
 colours that keep neighbouring chromosomes apart, sizes lines and text to the image, and computes the outline of
-overlapping instances (the mask's max-pool dilation minus the mask).
+overlapping instances (the mask's max-pool dilation minus the mask). Masks are read at their box size
+(``train_utils.masks.BoxMasks``) and pasted a band of rows at a time, only those that reach the band.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import matplotlib
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.ops import box_iou, masks_to_boxes
+from torchvision.ops import box_iou
 from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from train_utils.masks import BoxMasks, as_box_masks
 
 # Bright, well-separated colours with no reds or magentas: those are kept for the overlap outline.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -31,7 +34,7 @@ FONT_PATH = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bol
 
 def draw_instances(
     image: torch.Tensor,
-    masks: torch.Tensor,
+    masks: BoxMasks | torch.Tensor,
     boxes: torch.Tensor | None = None,
     captions: Sequence[str] | None = None,
     overlapping: torch.Tensor | None = None,
@@ -44,7 +47,7 @@ def draw_instances(
 
     Args:
         image: ``[3, H, W]`` (or ``[1, H, W]`` / ``[H, W]`` grey), float in 0..1 or uint8.
-        masks: ``[N, H, W]`` bool (``[N, 1, H, W]`` or probabilities are accepted: > 0.5).
+        masks: ``BoxMasks`` or ``[N, H, W]`` bool (``[N, 1, H, W]`` or probabilities are accepted: > 0.5).
         boxes: ``[N, 4]`` XYXY in pixels, drawn in the instance's colour; None draws no boxes.
         captions: N strings written at the top-left of each box (of the mask's box when ``boxes`` is None).
         overlapping: ``[N]`` bool; these instances get a thick outline in ``OVERLAP_COLOR``.
@@ -59,28 +62,28 @@ def draw_instances(
     canvas = _to_uint8_rgb(image)
     height, width = canvas.shape[-2:]
     masks = _as_bool_masks(masks, height, width)
-    num = masks.shape[0]
+    num = len(masks)
     for name, value in (("boxes", boxes), ("captions", captions), ("overlapping", overlapping)):
         if value is not None and len(value) != num:
             raise ValueError(f"draw_instances: {num} masks but {len(value)} {name}")
 
     scale = math.ceil(min_side / max(height, width)) if max(height, width) < min_side else 1
-    canvas, masks = _enlarged(canvas, scale), _enlarged(masks, scale)
+    canvas, masks = _enlarged(canvas, scale), masks.enlarged(scale)
     long_side = max(height, width) * scale
     line_width = max(1, round(long_side / 700))
     font_size = min(20, max(10, round(long_side / 70)))
 
     if boxes is not None:
         boxes = boxes.detach().float().cpu().reshape(-1, 4) * scale
-    placement = boxes if boxes is not None else _mask_boxes(masks)
+    placement = boxes if boxes is not None else masks.tight_boxes()
     colors = instance_colors(placement, margin=long_side / 40)
 
     if num:
-        for rows in row_bands(canvas.shape[-2], 8 * num * canvas.shape[-1]):  # torchvision sums the masks in int64
-            canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], masks[:, rows], alpha=alpha, colors=colors)
+        canvas = paint_masks(canvas, masks, colors, alpha)
     if overlapping is not None and bool(overlapping.any()):
         ring = overlap_outline(masks[overlapping.detach().cpu().bool()], radius=line_width + 1)
-        canvas = draw_segmentation_masks(canvas, ring, alpha=1.0, colors=OVERLAP_COLOR)
+        for rows in row_bands(canvas.shape[-2], 48 * canvas.shape[-1]):  # torchvision blends in float
+            canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], ring[:, rows], alpha=1.0, colors=OVERLAP_COLOR)
     if num and (boxes is not None or captions is not None):
         canvas = _boxes_and_captions(canvas, placement, captions, colors, line_width if boxes is not None else 0,
                                      font_size)
@@ -125,18 +128,38 @@ def instance_colors(boxes: torch.Tensor, margin: float = 10.0) -> list[tuple[int
     return [PALETTE[c] for c in chosen]
 
 
-def overlap_outline(masks: torch.Tensor, radius: int = 2) -> torch.Tensor:
+def paint_masks(canvas: torch.Tensor, masks: BoxMasks, colors: list[tuple[int, int, int]],
+                alpha: float) -> torch.Tensor:
+    """``draw_segmentation_masks`` of every mask on the uint8 ``[3, H, W]`` canvas, a band of rows at a time with the
+    masks that reach the band pasted into it: the pixels of one call with all masks at the image's size."""
+    height, width = canvas.shape[-2:]
+    regions = masks.regions.tolist()
+    for rows in row_bands(height, (8 * len(masks) + 48) * width):  # torchvision sums masks in int64, blends in float
+        band = (0, rows.start, width, rows.stop)
+        reach = [k for k, (_, top, _, bottom) in enumerate(regions) if top < rows.stop and bottom > rows.start]
+        pasted = [masks.crop(k, band) for k in reach]
+        if not reach:  # an empty mask: the band is still blended, as in one call with every mask
+            reach, pasted = [0], [torch.zeros((rows.stop - rows.start, width), dtype=torch.bool)]
+        canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], torch.stack(pasted), alpha=alpha,
+                                                  colors=[colors[k] for k in reach])
+    return canvas
+
+
+def overlap_outline(masks: BoxMasks | torch.Tensor, radius: int = 2) -> torch.Tensor:
     """``[1, H, W]`` bool: union of each mask's outer contour, ``radius`` px wide (max-pool dilation minus the mask),
-    so the instance's own colour and banding stay visible inside."""
-    height, width = masks.shape[-2:]
+    so the instance's own colour and banding stay visible inside. ``masks``: ``BoxMasks`` or ``[N, H, W]`` bool."""
+    masks = as_box_masks(masks)
+    height, width = masks.size
     ring = torch.zeros((1, height, width), dtype=torch.bool)
-    if masks.shape[0] == 0:
-        return ring
-    for rows in row_bands(height, 4 * masks.shape[0] * width):  # each band with `radius` rows of context around it
-        top, bottom = max(0, rows.start - radius), min(height, rows.stop + radius)
-        band = masks[:, top:bottom]
-        dilated = F.max_pool2d(band[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
-        ring[0, rows] = (dilated & ~band).any(dim=0)[rows.start - top:rows.stop - top]
+    for patch, (x0, y0, x1, y1) in zip(masks.patches, masks.regions.tolist()):
+        if not patch.any():
+            continue
+        grown = F.pad(patch.cpu().bool(), (radius,) * 4)  # the region and `radius` pixels around it
+        dilated = F.max_pool2d(grown[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+        left, top = x0 - radius, y0 - radius
+        inside = (slice(max(top, 0), min(y1 + radius, height)), slice(max(left, 0), min(x1 + radius, width)))
+        ring[0][inside] |= (dilated & ~grown)[inside[0].start - top:inside[0].stop - top,
+                                              inside[1].start - left:inside[1].stop - left]
     return ring
 
 
@@ -158,24 +181,19 @@ def _to_uint8_rgb(image: torch.Tensor) -> torch.Tensor:
     return image.contiguous()
 
 
-def _as_bool_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    masks = masks.detach().cpu()
-    if masks.ndim == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]
-    if masks.ndim == 2 and masks.numel() == 0:
-        masks = masks.reshape(0, height, width)
-    if masks.ndim != 3 or masks.shape[-2:] != (height, width):
-        raise ValueError(f"draw_instances: masks must be [N, {height}, {width}], got {list(masks.shape)}")
-    return masks if masks.dtype == torch.bool else masks > 0.5
-
-
-def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight XYXY box of each mask; an empty mask gets a zero box."""
-    boxes = torch.zeros((masks.shape[0], 4))
-    present = masks.flatten(1).any(dim=1)
-    if present.any():
-        boxes[present] = masks_to_boxes(masks[present])
-    return boxes
+def _as_bool_masks(masks: BoxMasks | torch.Tensor, height: int, width: int) -> BoxMasks:
+    if not isinstance(masks, BoxMasks):
+        masks = masks.detach().cpu()
+        if masks.ndim == 4 and masks.shape[1] == 1:
+            masks = masks[:, 0]
+        if masks.ndim == 2 and masks.numel() == 0:
+            masks = masks.reshape(0, height, width)
+        if masks.ndim != 3 or masks.shape[-2:] != (height, width):
+            raise ValueError(f"draw_instances: masks must be [N, {height}, {width}], got {list(masks.shape)}")
+    masks = as_box_masks(masks)
+    if masks.size != (height, width):
+        raise ValueError(f"draw_instances: masks of a {masks.size[1]}x{masks.size[0]} image on a {width}x{height} one")
+    return masks.cpu().binary(0.5)
 
 
 def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
