@@ -104,12 +104,17 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+def _full_masks(masks) -> torch.Tensor:
+    """``[N, 1, H, W]`` masks from our box-sized ``BoxMasks`` (``inference.detect``) or stock's full-size tensor."""
+    return masks.full() if hasattr(masks, "full") else masks
+
+
 def agreement(reference: dict, output: dict, score_thresh: float) -> tuple[int, int, list[float]]:
     """One image's two outputs: (detections scoring >= the threshold in the reference, how many of them have no twin
     in the output or the output has in excess, the mask IoU of each matched pair). Detections are matched greedily
     by mask IoU >= 0.5, best score first."""
-    ref_masks = reference["masks"][reference["scores"] >= score_thresh, 0]
-    out_masks = list(output["masks"][output["scores"] >= score_thresh, 0])
+    ref_masks = _full_masks(reference["masks"])[reference["scores"] >= score_thresh, 0]
+    out_masks = list(_full_masks(output["masks"])[output["scores"] >= score_thresh, 0])
     ious, unmatched = [], 0
     for mask in ref_masks:
         scored = [(mask_iou(mask, other), k) for k, other in enumerate(out_masks)]
