@@ -21,12 +21,10 @@ def overlapping_from_rles(rles: Sequence[dict[str, Any]], min_area: float = MIN_
     ``min_area`` pixels. Only instances whose boxes touch are merged, so it costs little on a crowded image."""
     if len(rles) < 2:
         return [False] * len(rles)
-    boxes = mask_utils.toBbox(list(rles)).reshape(-1, 4)
-    low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
+    touching = _touching_boxes(rles)
     flags = []
     for i, rle in enumerate(rles):
-        near = np.flatnonzero((low < high[i]).all(axis=1) & (high > low[i]).all(axis=1))
-        near = near[near != i]
+        near = np.flatnonzero(touching[i])
         if len(near) == 0:
             flags.append(False)
             continue
@@ -34,6 +32,15 @@ def overlapping_from_rles(rles: Sequence[dict[str, Any]], min_area: float = MIN_
         shared = mask_utils.merge([rle, others], intersect=True)
         flags.append(bool(mask_utils.area(shared) >= min_area))
     return flags
+
+
+def _touching_boxes(rles: Sequence[dict[str, Any]]) -> np.ndarray:
+    """``[N, N]`` bool: the boxes of instances ``i`` and ``j`` (``i != j``) overlap, so their masks may."""
+    boxes = mask_utils.toBbox(list(rles)).reshape(-1, 4)
+    low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
+    touching = (low[:, None] < high[None]).all(axis=2) & (high[:, None] > low[None]).all(axis=2)
+    np.fill_diagonal(touching, False)
+    return touching
 
 
 def instance_flags(given: Sequence[bool | None], rles: Sequence[dict[str, Any]],
@@ -61,15 +68,11 @@ def crossing_pairs(rles: Sequence[dict[str, Any]], min_area: float = MIN_OVERLAP
     chromosomes that cross each other (``overlapping_from_rles`` flags an instance against the union of all others)."""
     if len(rles) < 2:
         return []
-    boxes = mask_utils.toBbox(list(rles)).reshape(-1, 4)
-    low, high = boxes[:, :2], boxes[:, :2] + boxes[:, 2:]
     pairs = []
-    for i in range(len(rles)):
-        for j in range(i + 1, len(rles)):
-            if (low[i] < high[j]).all() and (low[j] < high[i]).all():
-                shared = mask_utils.merge([rles[i], rles[j]], intersect=True)
-                if mask_utils.area(shared) >= min_area:
-                    pairs.append((i, j))
+    for i, j in zip(*np.nonzero(np.triu(_touching_boxes(rles)))):
+        shared = mask_utils.merge([rles[i], rles[j]], intersect=True)
+        if mask_utils.area(shared) >= min_area:
+            pairs.append((int(i), int(j)))
     return pairs
 
 

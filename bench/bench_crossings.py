@@ -50,6 +50,7 @@ from train_utils.engine import loop, schedule  # noqa: E402
 from train_utils.engine.checkpoint import save_checkpoint  # noqa: E402
 from train_utils.engine.setup import seed_everything  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
+from train_utils.evaluation.crossings import crop_scores, summarize  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 VAL_CROPS = "val_crops.json"  # the scored crops' ground truth, beside the runs
@@ -185,8 +186,6 @@ def score_val(model: torch.nn.Module, val: ChromosomeDataset, workers: int) -> l
 
 def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path], workers: int,
                     save_dir: Path | None) -> Run:
-    from train_utils.evaluation.crossings import crop_scores, summarize  # noqa: PLC0415 (bench-only)
-
     variant = VARIANTS[name]
     val = ChromosomeDataset(data["crops"], "val", transforms=get_transform("none", train=False))
     train = training_set(data["crops"], data["whole"], setting, data.get("synthetic"))
