@@ -261,6 +261,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--steps", type=number_arg(int, low=1), default=Setting.steps, help="optimizer steps")
     parser.add_argument("--train-data", choices=("crops", "whole", "both"), default=Setting.train_data)
     parser.add_argument("--crop-size", type=number_arg(int, low=64), default=Setting.crop_size)
+    parser.add_argument("--rois-per-image", type=number_arg(int, low=1), default=Setting.rois_per_image,
+                        help="sampled RoIs per training image (default %(default)s)")
     parser.add_argument("--synthetic", type=number_arg(int, low=0), default=0,
                         help="add the crossing crops of N synthetic spreads to training (default 0)")
     parser.add_argument("--save-dir", type=Path, default=None, help="also save each model as a train.py checkpoint")
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {picture(args.report, data['crops'], args.picture)}")
         return 0
     setting = Setting(crop_size=args.crop_size, train_data=args.train_data, steps=args.steps, evals=args.evals,
-                      synthetic=args.synthetic)
+                      synthetic=args.synthetic, rois_per_image=args.rois_per_image)
     print(f"# bench_crossings: {setting}\n# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -290,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(data["crops"] / "annotations" / "instances_val.json", args.out / VAL_CROPS)
         for seed in args.seeds:
             for name in args.variants:
-                run = train_and_score(name, seed, setting, data, args.workers, args.save_dir)
                 path = args.out / f"{name}_seed{seed}.json"
+                if path.exists() and json.loads(path.read_text())["setting"] == json.loads(json.dumps(dataclasses.asdict(setting))):
+                    print(f"{name} seed {seed}: kept {path} (same setting)", flush=True)
+                    continue
+                run = train_and_score(name, seed, setting, data, args.workers, args.save_dir)
                 path.write_text(json.dumps(dataclasses.asdict(run)) + "\n")
                 print(f"{name} seed {seed}: {run.steps} steps in {run.train_s:.0f} s -> {path}", flush=True)
     return 0
