@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for name in args.variants:
                 path = args.out / f"{name}_seed{seed}.json"
-                if path.exists() and json.loads(path.read_text())["setting"] == json.loads(json.dumps(dataclasses.asdict(setting))):
+                saved = json.loads(json.dumps(dataclasses.asdict(setting)))  # tuples as JSON lists
+                if path.exists() and json.loads(path.read_text())["setting"] == saved:
                     print(f"{name} seed {seed}: kept {path} (same setting)", flush=True)
                     continue
                 run = train_and_score(name, seed, setting, data, args.workers, args.save_dir)
