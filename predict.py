@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from errors import DaCSegError, print_error  # noqa: E402
-from train_utils.cli import get_predict_parser, parse_predict_args  # noqa: E402,F401
+from train_utils.cli import get_predict_parser, parse_predict_args  # noqa: E402,F401 (test_cli reads the parser)
 from train_utils.jobs.predict import run_prediction  # noqa: E402
 
 

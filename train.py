@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_utils.engine import trainer  # noqa: E402
-from train_utils.cli import get_args_parser, parse_args  # noqa: E402,F401 (get_args_parser: torchvision's name)
+from train_utils.cli import get_args_parser, parse_args  # noqa: E402,F401 (get_args_parser: tests/test_cli.py reads it)
 
 
 def main(argv: list[str] | None = None) -> int:

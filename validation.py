@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_utils.cli import get_validation_parser, parse_validation_args  # noqa: E402,F401
-from train_utils.jobs.validate import main, run_validation  # noqa: E402,F401
+from train_utils.cli import get_validation_parser  # noqa: E402,F401 (tests/test_cli.py reads it)
+from train_utils.jobs.validate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,9 +8,12 @@ data, seed, recipe and budget, scored on BioImLab val with our evaluator.
 BioImLab is read from ``../shared/data/bioimlab`` (labelme) or ``--data-path`` (labelme root, or a COCO-layout root
 with ``train`` / ``val`` splits) and converted into a temporary folder. ``stock`` is
 ``torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)``, trained
-through its own forward. All three go through the same loop (``train_utils.engine.loop.train_one_epoch``), the same
-per-step schedule (``train_utils.engine.schedule``: SGD, momentum 0.9, wd 1e-4, linear warmup from 0.001x, cosine to 0,
-gradient norms clipped at 10), the same flips, and the same evaluation (``train_utils.evaluation.score.evaluate``).
+through its own forward. All three go through the same loop (``train_utils.engine.loop.train_one_epoch``),
+``train.py``'s optimizer and per-step schedule built by the engine (``setup.make_optimizer``,
+``schedule.make_schedule``: SGD with the reference recipe's momentum and weight decay, linear warmup from 0.001x,
+cosine to 0, gradient norms clipped at 10), the same flips, and the same evaluation
+(``train_utils.evaluation.score.evaluate``). ``--save-dir`` writes each model with the engine's checkpoint writer,
+so it is a ``train.py`` checkpoint.
 
 The budget is optimizer steps (``--budget-iters``) or wall-clock seconds of training (``--budget-s``): with seconds,
 the first steps measure the speed and the schedule is laid over the steps that fit, so a faster pipeline trains
@@ -42,12 +45,15 @@ from my_dataset_chromosome import ChromosomeDataset  # noqa: E402
 from network_files import build_model, resolve_config  # noqa: E402
 from network_files.config import ModelConfig  # noqa: E402
 from tools.labelme2coco import convert_labelme  # noqa: E402
+from train_utils.data.loaders import collate_fn  # noqa: E402
+from train_utils.data.samplers import train_batch_sampler  # noqa: E402
 from train_utils.engine import loop, schedule  # noqa: E402
+from train_utils.engine.checkpoint import save_checkpoint, training_state  # noqa: E402
+from train_utils.engine.run_config import Labels, OptimizerSettings, ScheduleSettings, StainSettings  # noqa: E402
+from train_utils.engine.setup import make_optimizer, seed_everything  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
 from train_utils.cli import ArgumentParser, LossWeightsAction, loss_weight_arg, number_arg  # noqa: E402
-from train_utils.engine.samplers import train_batch_sampler  # noqa: E402
-from train_utils.engine.checkpoint import save_checkpoint  # noqa: E402
-from train_utils.engine.setup import seed_everything  # noqa: E402
+from train_utils.stain import BRIGHT_ON_DARK  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 MODELS = ("stock", "maskrcnn", "dacseg")
@@ -140,17 +146,45 @@ def make_model(name: str, preset: Preset, num_classes: int) -> torch.nn.Module:
     return model
 
 
+@dataclass
+class Training:
+    """A model's training as ``train.py`` builds it (the engine's optimizer and schedule settings and builders),
+    and what it took."""
+
+    settings: OptimizerSettings
+    lr_schedule: ScheduleSettings  # one "epoch" of all the steps
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    batch_size: int
+    steps: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.steps * self.batch_size / self.seconds
+
+
+def new_training(model: torch.nn.Module, preset: Preset, device: torch.device, total_steps: int,
+                 start_step: int = 0, optimizer: torch.optim.Optimizer | None = None) -> Training:
+    """The preset's optimizer (train.py's defaults but for the lr) and a schedule over ``total_steps`` placed at
+    ``start_step``, through the engine's builders; ``optimizer`` keeps an existing one (a re-laid schedule)."""
+    settings = OptimizerSettings(lr=preset.lr)
+    lr_schedule = ScheduleSettings(epochs=1, steps_per_epoch=total_steps, warmup_iters=preset.warmup_iters)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, settings)
+    scaler = torch.amp.GradScaler(device.type) if preset.amp and device.type == "cuda" else None
+    return Training(settings, lr_schedule, optimizer, schedule.make_schedule(optimizer, lr_schedule, start_step),
+                    scaler, preset.batch_size)
+
+
 def train_model(model: torch.nn.Module, preset: Preset, train_ds: ChromosomeDataset, device: torch.device,
-                seed: int, workers: int) -> tuple[int, float, float]:
-    """Train within the preset's budget; returns (optimizer steps, training seconds, images/s)."""
+                seed: int, workers: int) -> Training:
+    """Train within the preset's budget; returns the training (optimizer steps, seconds, states)."""
     loader = DataLoader(
         train_ds, batch_sampler=train_batch_sampler(len(train_ds), train_ds.aspect_ratios(), preset.batch_size, 3,
                                                     seed=seed),
-        num_workers=workers, collate_fn=loop.collate_fn, pin_memory=device.type == "cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=preset.lr, momentum=0.9, weight_decay=1e-4)
+        num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
     amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype is not None else None
     seed_everything(seed, 1, 0)
     start = time.perf_counter()
     probe_steps = 0
@@ -158,22 +192,25 @@ def train_model(model: torch.nn.Module, preset: Preset, train_ds: ChromosomeData
     if total is None:  # a time budget: measure the speed on the warmup's first steps, then fit the schedule to it
         probe_steps = min(preset.warmup_iters, 20)
         total = 10 ** 9
-    lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=total, steps_per_epoch=len(loader),
-                                              warmup_iters=preset.warmup_iters)
+    training = new_training(model, preset, device, total)
     steps = Steps(loader, probe_steps or total)
-    kwargs = dict(lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype, clip_grad_norm=10.0,
-                  loss_weights=dict(preset.loss_weights), print_freq=10, show_progress=True)
-    loop.train_one_epoch(model, optimizer, steps, device, 0, **kwargs)
+    kwargs = dict(lr_scheduler=training.lr_scheduler, scaler=training.scaler, amp_dtype=amp_dtype,
+                  clip_grad_norm=training.settings.clip_grad_norm, loss_weights=dict(preset.loss_weights),
+                  print_freq=10, show_progress=True)
+    loop.train_one_epoch(model, training.optimizer, steps, device, 0, **kwargs)
     if probe_steps:
         _synchronize(device)
         per_step = (time.perf_counter() - start) / probe_steps
         total = max(probe_steps + 1, int(preset.budget_s / per_step))
-        kwargs["lr_scheduler"] = schedule.make_lr_scheduler(optimizer, total_steps=total, steps_per_epoch=len(loader),
-                                                            warmup_iters=preset.warmup_iters, start_step=probe_steps)
-        loop.train_one_epoch(model, optimizer, Steps(loader, total - probe_steps, steps.passes), device, 1, **kwargs)
+        relaid = new_training(model, preset, device, total, start_step=probe_steps,
+                              optimizer=training.optimizer)
+        training = dataclasses.replace(relaid, scaler=training.scaler)
+        kwargs["lr_scheduler"] = training.lr_scheduler
+        loop.train_one_epoch(model, training.optimizer, Steps(loader, total - probe_steps, steps.passes), device,
+                             1, **kwargs)
     _synchronize(device)
-    seconds = time.perf_counter() - start
-    return total, seconds, total * preset.batch_size / seconds
+    training.steps, training.seconds = total, time.perf_counter() - start
+    return training
 
 
 def _synchronize(device: torch.device) -> None:
@@ -181,17 +218,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def save_trained(model: torch.nn.Module, name: str, seed: int, steps: int, preset: Preset, dataset: ChromosomeDataset,
-                 save_dir: Path) -> Path:
-    """The trained model as a checkpoint ``validation.py``, ``predict.py`` and ``bench_infer.py`` read (stock's
-    modules are our ``maskrcnn``'s, so it is saved as one)."""
+def save_trained(model: torch.nn.Module, name: str, seed: int, training: Training, preset: Preset,
+                 dataset: ChromosomeDataset, save_dir: Path) -> Path:
+    """The trained model as a ``train.py`` checkpoint (the engine's writer; ``epoch`` holds the optimizer steps)
+    that ``validation.py``, ``predict.py`` and ``bench_infer.py`` read (stock's modules are our ``maskrcnn``'s, so it
+    is saved as one)."""
     config = ModelConfig(name="maskrcnn" if name == "stock" else name, num_classes=dataset.num_classes,
                          min_size=preset.min_size, max_size=preset.max_size, rois_per_image=preset.rois_per_image,
                          overlap_cls_head=preset.overlap_cls_head)
+    record = {"bench": "bench_accuracy", "model": name, "seed": seed, "opt": training.settings.name,
+              "preset": dataclasses.asdict(preset)}
+    state = training_state(model, training.optimizer, training.lr_scheduler, training.scaler, training.steps,
+                           record=record, model_config=resolve_config(config, False), labels=Labels.of(dataset),
+                           stain=StainSettings(polarity=BRIGHT_ON_DARK))
     path = save_dir / f"{name}_seed{seed}.pth"
-    save_checkpoint({"model": model.state_dict(), "model_config": resolve_config(config, False).to_dict(),
-                     "epoch": steps, "label_names": dataset.label_names, "label_to_cat_id": dataset.label_to_cat_id,
-                     "stain": {"polarity": "bright-on-dark", "train_counts": None}}, path)
+    save_checkpoint(state, path)
     return path
 
 
@@ -205,14 +246,15 @@ def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.devi
     val_ds = ChromosomeDataset(data, "val", transforms=get_transform("none", train=False))
     seed_everything(seed, 0, 0)
     model = make_model(name, preset, val_ds.num_classes).to(device)
-    steps, train_s, rate = train_model(model, preset, train_ds, device, seed, workers)
+    training = train_model(model, preset, train_ds, device, seed, workers)
     if save_dir is not None:
-        save_trained(model, name, seed, steps, preset, val_ds, save_dir)
-    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=loop.collate_fn)
+        save_trained(model, name, seed, training, preset, val_ds, save_dir)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=workers, collate_fn=collate_fn)
     amp_dtype = torch.float16 if preset.amp and device.type == "cuda" else None
     record = score.evaluate(model, val_loader, device, val_ds.coco, val_ds.label_to_cat_id, 0.5,
                              label_names=val_ds.label_names, amp_dtype=amp_dtype, show_progress=True)
-    return Outcome(name, seed, steps, train_s, rate, record, time.perf_counter() - wall)
+    return Outcome(name, seed, training.steps, training.seconds, training.images_per_s, record,
+                   time.perf_counter() - wall)
 
 
 COLUMNS = (  # (header, getter of a record)

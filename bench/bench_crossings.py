@@ -6,8 +6,9 @@
 Data: ``tools/crossing_crops.py`` cuts one square crop (``--crop-size``, original scale) per cluster of crossing
 chromosomes and as many control crops without a crossing, from train and from val. Training (``--train-data``) uses
 the train crops (``crops``), random crops of the whole train images (``whole``) or both; scoring always uses the val
-crops. Every variant gets the same data, step budget, schedule (SGD, warmup, cosine, clipping at 10, flips) and
-seeds, and the same loader order per seed. Each run is saved as ``OUT/<variant>_seed<S>.json`` (its detections on
+crops. Every variant gets the same data, step budget, optimizer and schedule (train.py's, from the engine's builders:
+SGD, warmup, cosine, clipping at 10), flips and seeds, and the same loader order per seed; ``--save-dir`` models are
+written by the engine's checkpoint writer. Each run is saved as ``OUT/<variant>_seed<S>.json`` (its detections on
 the val crops, losses, timings) as soon as it ends, so an interrupted session keeps what finished; ``--report``
 scores them with ``train_utils.evaluation.crossings`` and compares every variant with ``maskrcnn`` by a paired
 bootstrap over crops (``train_utils.evaluation.stats``).
@@ -46,11 +47,14 @@ from network_files import build_model, resolve_config  # noqa: E402
 from network_files.config import ModelConfig  # noqa: E402
 from tools.crossing_crops import cut_crops  # noqa: E402
 from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
+from train_utils.data.loaders import collate_fn  # noqa: E402
 from train_utils.engine import loop, schedule  # noqa: E402
-from train_utils.engine.checkpoint import save_checkpoint  # noqa: E402
-from train_utils.engine.setup import seed_everything  # noqa: E402
+from train_utils.engine.checkpoint import save_checkpoint, training_state  # noqa: E402
+from train_utils.engine.run_config import Labels, OptimizerSettings, ScheduleSettings, StainSettings  # noqa: E402
+from train_utils.engine.setup import make_optimizer, seed_everything  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
 from train_utils.evaluation.crossings import crop_scores, summarize  # noqa: E402
+from train_utils.stain import BRIGHT_ON_DARK  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
 VAL_CROPS = "val_crops.json"  # the scored crops' ground truth, beside the runs
@@ -179,7 +183,7 @@ class SeededBatches:
 
 
 def score_val(model: torch.nn.Module, val: ChromosomeDataset, workers: int) -> list[dict[str, Any]]:
-    loader = DataLoader(val, batch_size=4, num_workers=workers, collate_fn=loop.collate_fn)
+    loader = DataLoader(val, batch_size=4, num_workers=workers, collate_fn=collate_fn)
     results, _ = score.predict_results(model, loader, torch.device("cpu"), val.label_to_cat_id)
     return results
 
@@ -192,11 +196,11 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
     seed_everything(seed, 0, 0)
     model = make_model(variant, setting, val.num_classes)
     loader = DataLoader(train, batch_sampler=SeededBatches(len(train), setting.batch_size, seed),
-                        num_workers=workers, collate_fn=loop.collate_fn, persistent_workers=workers > 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=setting.lr, momentum=0.9, weight_decay=1e-4)
-    lr_scheduler = schedule.make_lr_scheduler(optimizer, total_steps=setting.steps, steps_per_epoch=len(loader),
-                                              warmup_iters=setting.warmup_iters)
+                        num_workers=workers, collate_fn=collate_fn, persistent_workers=workers > 0)
+    optimization = OptimizerSettings(lr=setting.lr)  # train.py's defaults but for the lr
+    lr_schedule = ScheduleSettings(epochs=1, steps_per_epoch=setting.steps, warmup_iters=setting.warmup_iters)
+    optimizer = make_optimizer(model, optimization)
+    lr_scheduler = schedule.make_schedule(optimizer, lr_schedule)
     run = Run(name, seed, dataclasses.asdict(setting))
     seed_everything(seed, 1, 0)
     stops = [round(setting.steps * (k + 1) / setting.evals) for k in range(setting.evals)]
@@ -206,7 +210,8 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
         steps.count = stop - done
         start = time.perf_counter()
         loop.train_one_epoch(model, optimizer, steps, torch.device("cpu"), done, lr_scheduler=lr_scheduler,
-                             clip_grad_norm=10.0, loss_weights=dict(variant.loss_weights), print_freq=10,
+                             clip_grad_norm=optimization.clip_grad_norm, loss_weights=dict(variant.loss_weights),
+                             print_freq=10,
                              show_progress=False,
                              on_log=lambda i, v, base=done: run.losses.append((base + i, float(v["loss"]))))
         run.train_s += time.perf_counter() - start  # the scoring below is not training time
@@ -221,9 +226,11 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         config = model_config(variant, setting, val.num_classes, 576, 768)  # whole BioImLab images, own scale
-        save_checkpoint({"model": model.state_dict(), "model_config": config.to_dict(), "epoch": setting.steps,
-                         "label_names": val.label_names, "label_to_cat_id": val.label_to_cat_id,
-                         "stain": {"polarity": "bright-on-dark", "train_counts": None}},
+        record = {"bench": "bench_crossings", "variant": name, "seed": seed, "opt": optimization.name,
+                  "setting": dataclasses.asdict(setting)}
+        save_checkpoint(training_state(model, optimizer, lr_scheduler, None, setting.steps, record=record,
+                                       model_config=config, labels=Labels.of(val),
+                                       stain=StainSettings(polarity=BRIGHT_ON_DARK)),
                         save_dir / f"{name}_seed{seed}.pth")
     return run
 

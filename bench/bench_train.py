@@ -36,6 +36,7 @@ mask head has less to do in the first steps than later. Run by hand; never from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import tempfile
@@ -54,18 +55,17 @@ from torch.utils.data import DataLoader  # noqa: E402
 from my_dataset_chromosome import ChromosomeDataset  # noqa: E402
 from network_files.config import MODEL_NAMES, OVERLAP_CLS_HEADS  # noqa: E402
 from tools.synth_metaphase import SynthConfig, generate  # noqa: E402
-from train_utils.engine import loop  # noqa: E402
+from network_files import build_model  # noqa: E402
+from train_utils.data.loaders import collate_fn, training_loader  # noqa: E402
+from train_utils.engine import loop, schedule  # noqa: E402
 from train_utils.evaluation import score  # noqa: E402
 from errors import DaCSegError, UserError, print_error  # noqa: E402
 from train_utils.cli import ArgumentParser, add_data_args, add_device_args, number_arg, parse_args  # noqa: E402
 from train_utils.engine.setup import (  # noqa: E402
-    build_run_model,
+    fresh_model_config,
     make_optimizer,
-    make_schedule,
-    resolve_lr,
-    resolve_run_flags,
+    resolve_optimization,
     seed_everything,
-    training_loader,
 )
 from transforms import get_transform  # noqa: E402
 
@@ -152,16 +152,15 @@ class TimedBatches:
 
 
 def training_args(args: argparse.Namespace, model_name: str) -> argparse.Namespace:
-    """``train.py``'s flags as a training run of ``model_name`` with this benchmark's settings resolves them
-    (lr, momentum, weight decay, warmup, augmentation, aspect-ratio grouping, AMP: all train.py's defaults)."""
+    """``train.py``'s flags for a training run of ``model_name`` with this benchmark's settings (lr, momentum,
+    weight decay, warmup, augmentation, aspect-ratio grouping, AMP: all train.py's defaults), resolved by the
+    engine's builders as a run resolves them."""
     argv = ["--data-path", str(args.data_path), "--device", args.device, "--model", model_name,
             "-b", str(args.batch_size), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
             "--overlap-cls-head", args.overlap_cls_head, "--workers", str(args.workers), "--seed", str(args.seed)]
     if args.amp is not None:
         argv.append("--amp" if args.amp else "--no-amp")
-    train_args = parse_args(argv, prog="bench_train.py")
-    resolve_run_flags(train_args, None, torch.device(args.device))
-    return train_args
+    return parse_args(argv, prog="bench_train.py")
 
 
 def make_model(name: str, train_args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
@@ -171,26 +170,32 @@ def make_model(name: str, train_args: argparse.Namespace, num_classes: int) -> t
             weights=None, weights_backbone=None, num_classes=num_classes + 1,
             min_size=train_args.min_size, max_size=train_args.max_size,
         )
-    return build_run_model(train_args, num_classes, None, print)[0]
+    return build_model(fresh_model_config(train_args, num_classes))
 
 
 def measure_training(model: torch.nn.Module, train_args: argparse.Namespace, dataset: ChromosomeDataset,
                      device: torch.device, warmup: int, steps: int) -> TrainResult:
     """Time ``steps`` steps of ``loop.train_one_epoch`` after ``warmup`` untimed ones."""
-    loader = training_loader(dataset, train_args, device)
-    lr, _ = resolve_lr(train_args, world_size=1)
-    optimizer = make_optimizer(model, train_args, lr)
+    loader = training_loader(dataset, dataset.aspect_ratios(), batch_size=train_args.batch_size,
+                             group_factor=train_args.aspect_ratio_group_factor, workers=train_args.workers,
+                             seed=train_args.seed, device=device)
+    optimization, settings, _ = resolve_optimization(train_args, None, len(dataset), world_size=1)
+    optimizer = make_optimizer(model, optimization)
     # train.py's schedule laid over the timed steps; the warmup stays the run's 300 steps, so this short run stays
     # near its start: ramping to lr 0.02 within a few steps makes a model trained from scratch diverge (a
     # non-finite loss would end the benchmark), and the lr hardly changes the work a step does
-    lr_scheduler, _ = make_schedule(optimizer, train_args, steps_per_epoch=warmup + steps)
+    over_timed = dataclasses.replace(settings, steps_per_epoch=warmup + steps)
+    if train_args.warmup_iters is None:
+        over_timed = dataclasses.replace(over_timed,
+                                         warmup_iters=schedule.default_warmup_iters(over_timed.total_steps))
+    lr_scheduler = schedule.make_schedule(optimizer, over_timed)
     amp_dtype = loop.resolve_amp(train_args.amp, train_args.amp_dtype, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     batches = TimedBatches(loader, warmup, steps, device)
     seed_everything(train_args.seed, 1, 0)
     stats = loop.train_one_epoch(
         model, optimizer, batches, device, 0, lr_scheduler=lr_scheduler, scaler=scaler, amp_dtype=amp_dtype,
-        clip_grad_norm=train_args.clip_grad_norm,
+        clip_grad_norm=optimization.clip_grad_norm,
         print_freq=train_args.print_freq, show_progress=False,
     )
     return TrainResult(steps, batches.images, batches.seconds, batches.data_wait_s, _peak_gib(device), stats["loss"])
@@ -200,7 +205,7 @@ def measure_inference(model: torch.nn.Module, dataset: ChromosomeDataset, batch_
                       amp_dtype: torch.dtype | None, workers: int, warmup: int) -> InferenceResult:
     """Time one pass of ``score.iter_predictions`` over ``dataset`` after ``warmup`` untimed batches."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=loop.collate_fn, pin_memory=device.type == "cuda")
+                        collate_fn=collate_fn, pin_memory=device.type == "cuda")
     for index, _ in enumerate(score.iter_predictions(model, loader, device, amp_dtype)):
         if index + 1 >= warmup:
             break
@@ -219,9 +224,10 @@ def _memory(peak_gib: float | None) -> str:
     return f"  peak {peak_gib:.2f} GiB" if peak_gib is not None else ""
 
 
-def format_train(name: str, result: TrainResult, train_args: argparse.Namespace) -> str:
+def format_train(name: str, result: TrainResult, train_args: argparse.Namespace, device: torch.device) -> str:
     rate = result.images / result.seconds
-    precision = train_args.amp_dtype if train_args.amp else "float32"
+    amp = loop.resolve_amp(train_args.amp, train_args.amp_dtype, device) is not None
+    precision = train_args.amp_dtype if amp else "float32"
     return (f"train {name:<8} b{train_args.batch_size} {precision}: {result.steps / result.seconds:.3f} steps/s  "
             f"{rate:.2f} img/s  data wait {100 * result.data_wait_s / result.seconds:.1f}%{_memory(result.peak_gib)}"
             f"  loss {result.loss:.3f}  ({result.steps} steps, {result.images} images, {result.seconds:.1f} s)  "
@@ -244,7 +250,7 @@ def benchmark(name: str, args: argparse.Namespace, train_ds: ChromosomeDataset,
     try:
         if args.train:
             result = measure_training(model, train_args, train_ds, device, args.warmup_steps, args.steps)
-            print(format_train(name, result, train_args), flush=True)
+            print(format_train(name, result, train_args, device), flush=True)
             rates["train"] = result.images / result.seconds
         if infer_ds is not None:
             amp_dtype = loop.resolve_amp(train_args.amp, train_args.amp_dtype, device)
@@ -316,14 +322,12 @@ def load_data(args: argparse.Namespace, stack: ExitStack) -> tuple[ChromosomeDat
         if not root.is_dir():
             raise UserError(f"--data-path {root}: no such directory")
     train_args = training_args(args, "maskrcnn")
-    train_ds = ChromosomeDataset(root, split=args.split, transforms=get_transform(train_args.data_augmentation, True),
-                                 min_overlap_area=train_args.min_overlap_area)
+    train_ds = ChromosomeDataset(root, split=args.split, transforms=get_transform(train_args.data_augmentation, True))
     if len(train_ds) == 0:
         raise UserError(f"{train_ds.ann_file} has no images")
     infer_ds = None
     if args.inference:
-        infer_ds = ChromosomeDataset(root, split=infer_split, transforms=get_transform("none", False),
-                                     min_overlap_area=train_args.min_overlap_area)
+        infer_ds = ChromosomeDataset(root, split=infer_split, transforms=get_transform("none", False))
     return train_ds, infer_ds
 
 

@@ -95,7 +95,8 @@ def test_trained_models_are_saved_as_checkpoints_predict_can_read(name, tiny_coc
     val = ChromosomeDataset(tiny_coco, "val")
     torch.manual_seed(0)
     model = bench.make_model(name, preset, val.num_classes)
-    path = bench.save_trained(model, name, 3, 1, preset, val, tmp_path)
+    path = bench.save_trained(model, name, 3, bench.new_training(model, preset, torch.device("cpu"), 1), preset, val,
+                              tmp_path)
     loaded, config, checkpoint = load_model_from_checkpoint(path)
     assert path.name == f"{name}_seed3.pth" and config.name == ("maskrcnn" if name == "stock" else name)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -1,5 +1,5 @@
-"""train_utils.cli: every script's parser (reference defaults, real switches, one-line errors, ranges checked), the
-model config the flags describe, and INPUT expansion."""
+"""train_utils.cli: every script's parser (reference defaults, real switches, one-line errors, ranges checked) and
+INPUT expansion."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from network_files.config import ModelConfig
 from train_utils.cli import (
     ArgumentParser,
     UserError,
@@ -18,9 +17,9 @@ from train_utils.cli import (
     add_threshold_args,
     expand_inputs,
     get_args_parser,
-    model_config_from_args,
     parse_args,
 )
+from train_utils.engine.run_config import model_config_from_args
 
 DATA = ["--data-path", "D"]
 
@@ -103,30 +102,6 @@ def test_cuda_device_without_gpu_is_one_line(capsys):
 def test_loss_weights_collect_into_a_dict():
     args = parse_args(DATA + ["--loss-weights", "loss_mask=2", "loss_overlap=0.5", "--loss-weights", "loss_mask=3"])
     assert args.loss_weights == {"loss_mask": 3.0, "loss_overlap": 0.5}
-
-
-def test_model_config_from_args():
-    args = parse_args(DATA + ["--model", "dacseg", "--backbone", "resnet101", "--trainable-backbone-layers", "2",
-                              "--norm-layer", "frozen_bn", "--min-size", "256", "--max-size", "320",
-                              "--anchor-sizes", "8", "16", "32", "64", "128", "--box-score-thresh", "0.1",
-                              "--box-nms-thresh", "0.4", "--detections-per-img", "60", "--overlap-cls-head", "conv",
-                              "--min-overlap-area", "30", "--loss-weights", "loss_overlap=2", "--fusion", "gated",
-                              "--crossing-mask-weight", "2.5"])
-    config = model_config_from_args(args, num_classes=3)
-    assert config == ModelConfig(name="dacseg", num_classes=3, backbone="resnet101", trainable_layers=2,
-                                 norm_layer="frozen_bn", min_size=256, max_size=320, anchor_sizes=(8, 16, 32, 64, 128),
-                                 box_score_thresh=0.1, box_nms_thresh=0.4, box_detections_per_img=60,
-                                 overlap_cls_head="conv", min_overlap_area=30.0, loss_weights={"loss_overlap": 2.0},
-                                 fusion="gated", crossing_mask_weight=2.5)
-    plain = model_config_from_args(parse_args(DATA))
-    assert plain.num_classes == 1 and plain.trainable_layers is None and plain.norm_layer is None
-
-
-def test_model_config_from_args_turns_config_errors_into_user_errors():
-    args = parse_args(DATA)
-    args.backbone = "vgg"  # the parser's choices prevent this; callers building args by hand get one line
-    with pytest.raises(UserError, match="vgg"):
-        model_config_from_args(args)
 
 
 def test_shared_pieces_for_validation_and_predict(capsys):

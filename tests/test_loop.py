@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from train_utils.data.loaders import collate_fn
 from train_utils.engine import loop, schedule
 
 
@@ -40,7 +41,7 @@ def _batches(n: int, batch: int = 2):
 
 
 def test_collate_fn_and_amp_dtype():
-    assert loop.collate_fn([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
+    assert collate_fn([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
     assert loop.amp_dtype_from_name("bfloat16") is torch.bfloat16 and loop.amp_dtype_from_name(None) is None
 
 
@@ -110,7 +111,7 @@ class Linear(nn.Module):
 def _regression_batches(batch: int, count: int = 4):
     torch.manual_seed(1)
     samples = [(torch.randn(3, 1, 1), {"y": torch.randn(())}) for _ in range(count)]
-    return [loop.collate_fn(samples[i:i + batch]) for i in range(0, count, batch)]
+    return [collate_fn(samples[i:i + batch]) for i in range(0, count, batch)]
 
 
 def _gradient(model, loader, accumulate_steps):

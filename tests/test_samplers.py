@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DistributedSampler, SequentialSampler
 
-from train_utils.engine.samplers import GroupedBatchSampler, ShardSampler, aspect_ratio_groups, train_batch_sampler
+from train_utils.data.samplers import GroupedBatchSampler, ShardSampler, aspect_ratio_groups, train_batch_sampler
 
 
 def test_aspect_ratio_groups():

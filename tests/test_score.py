@@ -10,9 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from my_dataset_chromosome import ChromosomeDataset
-from train_utils.engine import loop
 from train_utils.evaluation import score
-from train_utils.engine.samplers import ShardSampler
+from train_utils.data.loaders import collate_fn
+from train_utils.data.samplers import ShardSampler
 from train_utils.outputs import results
 from transforms import get_transform
 
@@ -37,7 +37,7 @@ def val_ds(tiny_coco):
 
 
 def _loader(ds):
-    return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds)), collate_fn=loop.collate_fn)
+    return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds)), collate_fn=collate_fn)
 
 
 def _ground_truth_outputs(ds):
@@ -105,7 +105,7 @@ def _evaluate_shard(rank: int, world: int, init_file: str, root: str, out: str) 
     try:
         ds = ChromosomeDataset(root, "val", transforms=get_transform("none", train=False))
         loader = DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), world, rank),
-                            collate_fn=loop.collate_fn)
+                            collate_fn=collate_fn)
         record = score.evaluate(ContentOracle(ds), loader, torch.device("cpu"), ds.coco, ds.label_to_cat_id,
                                  label_names=ds.label_names)
         Path(out, f"record_{rank}.json").write_text(json.dumps(record))

@@ -2,7 +2,6 @@
 training datasets brought to one look; predict.py matching each image to the checkpoint's polarity."""
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -19,7 +18,7 @@ from network_files import ModelConfig, build_model
 from tools.coco_layout import write_coco_split
 from tools.synth_metaphase import SynthConfig, image_seed, render_metaphase
 from train_utils.engine.checkpoint import save_checkpoint
-from train_utils.engine.distributed import DistInfo
+from train_utils.distributed import DistInfo
 from train_utils.engine.setup import match_stain
 from train_utils.stain import (
     BRIGHT_ON_DARK,
@@ -134,15 +133,13 @@ def mixed_set(root: Path, stains: list[str]) -> Path:
 
 @pytest.mark.parametrize("mode, inverted, model_look", [
     ("auto", {4}, BRIGHT_ON_DARK), ("as-is", set(), BRIGHT_ON_DARK), ("invert", {1, 2, 3, 4}, DARK_ON_BRIGHT)])
-def test_training_converts_the_minority_look(tmp_path, mode, inverted, model_look, capsys):
+def test_training_converts_the_minority_look(tmp_path, mode, inverted, model_look):
     root = mixed_set(tmp_path, ["qband", "qband", "qband", "gband"])
     train_ds, val_ds = ChromosomeDataset(root, "train"), ChromosomeDataset(root, "val")
-    args = argparse.Namespace(stain=mode, resume=None)
-    match_stain(args, DistInfo(), None, train_ds, val_ds, print)
+    settings, line = match_stain(mode, None, None, train_ds, val_ds, DistInfo())
     assert train_ds.invert_ids == inverted
-    assert args.stain_polarity == model_look and args.stain_counts == {BRIGHT_ON_DARK: 3, DARK_ON_BRIGHT: 1}
-    assert f"3 bright-on-dark and 1 dark-on-bright training image(s); the model learns {model_look}" in (
-        capsys.readouterr().out)
+    assert settings.polarity == model_look and settings.train_counts == {BRIGHT_ON_DARK: 3, DARK_ON_BRIGHT: 1}
+    assert f"3 bright-on-dark and 1 dark-on-bright training image(s); the model learns {model_look}" in line
     for index, image_id in enumerate(train_ds.ids):
         image, _ = train_ds[index]
         original = read_image(train_ds.image_path(index))
@@ -156,10 +153,9 @@ def test_training_converts_the_minority_look(tmp_path, mode, inverted, model_loo
 def test_a_resumed_run_keeps_the_checkpoints_look(tmp_path):
     root = mixed_set(tmp_path, ["gband", "qband", "qband"])
     train_ds, val_ds = ChromosomeDataset(root, "train"), ChromosomeDataset(root, "val")
-    args = argparse.Namespace(stain="auto", resume="model_3.pth")
     checkpoint = {"stain": {"polarity": DARK_ON_BRIGHT, "train_counts": {BRIGHT_ON_DARK: 0, DARK_ON_BRIGHT: 5}}}
-    match_stain(args, DistInfo(), checkpoint, train_ds, val_ds, print)
-    assert args.stain_polarity == DARK_ON_BRIGHT and train_ds.invert_ids == {2, 3}
+    settings, _ = match_stain("auto", checkpoint, "model_3.pth", train_ds, val_ds, DistInfo())
+    assert settings.polarity == DARK_ON_BRIGHT and train_ds.invert_ids == {2, 3}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -128,7 +128,9 @@ import sys
 import torch
 sys.path.insert(0, {repo!r})
 from torch import nn
-from train_utils.engine import distributed, loop
+from train_utils import distributed
+from train_utils.data.loaders import collate_fn
+from train_utils.engine import loop
 
 info, device = distributed.init_distributed("cpu", 60)
 torch.manual_seed(1)
@@ -155,7 +157,7 @@ if info.distributed:  # rank r takes samples r, r + 2, ...: per step, the same 4
 else:
     mine = samples
 batch = {batch}
-loader = [loop.collate_fn(mine[i:i + batch]) for i in range(0, len(mine), batch)]
+loader = [collate_fn(mine[i:i + batch]) for i in range(0, len(mine), batch)]
 optimizer = torch.optim.SGD(bare.parameters(), lr=0.1)
 stats = loop.train_one_epoch(model, optimizer, loader, device, 0, accumulate_steps={accumulate},
                                show_progress=False)

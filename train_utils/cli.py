@@ -22,6 +22,7 @@ from errors import UserError, one_line
 from network_files.config import (BACKBONE_NAMES, FUSIONS, LOSS_NAMES, MODEL_NAMES, NORM_LAYERS, OVERLAP_CLS_HEADS,
                                    ModelConfig)
 from overlaps import MIN_OVERLAP_AREA
+from train_utils.engine.run_config import OptimizerSettings
 from train_utils.outputs.crops import CROP_BACKGROUNDS
 from train_utils.outputs.exports import EXPORT_FORMATS
 from train_utils.outputs.summary import DEFAULT_EXPECTED_COUNT
@@ -30,6 +31,7 @@ from train_utils.stain import STAIN_MODES
 from transforms import PRESETS
 
 _MODEL_DEFAULTS = ModelConfig()
+_OPTIMIZER_DEFAULTS = OptimizerSettings()  # the reference recipe's
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -247,18 +249,22 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "large sets (default: %(default)s)")
     group.add_argument("-b", "--batch-size", type=number_arg(int, low=1), default=4, metavar="N",
                        help="images per step and per process (default: %(default)s)")
-    group.add_argument("--opt", choices=("sgd", "adamw"), default="sgd", help="optimizer (default: %(default)s)")
+    group.add_argument("--opt", choices=("sgd", "adamw"), default=_OPTIMIZER_DEFAULTS.name,
+                       help="optimizer (default: %(default)s)")
     group.add_argument("--lr", type=number_arg(float, 0.0, low_open=True), default=None,
                        help="learning rate for the total batch (default: 0.02 per 4 images, scaled linearly to "
                             "processes x -b x --accumulate-steps)")
-    group.add_argument("--momentum", type=number_arg(float, 0.0, 1.0), default=0.9, metavar="M",
-                       help="SGD momentum (default: %(default)s)")
-    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=number_arg(float, low=0.0), default=1e-4,
-                       metavar="WD", help="weight decay (default: %(default)s)")
-    group.add_argument("--clip-grad-norm", type=number_arg(float, low=0.0), default=10.0, metavar="NORM",
+    group.add_argument("--momentum", type=number_arg(float, 0.0, 1.0), default=_OPTIMIZER_DEFAULTS.momentum,
+                       metavar="M", help="SGD momentum (default: %(default)s)")
+    group.add_argument("--wd", "--weight-decay", dest="weight_decay", type=number_arg(float, low=0.0),
+                       default=_OPTIMIZER_DEFAULTS.weight_decay, metavar="WD",
+                       help="weight decay (default: %(default)s)")
+    group.add_argument("--clip-grad-norm", type=number_arg(float, low=0.0),
+                       default=_OPTIMIZER_DEFAULTS.clip_grad_norm, metavar="NORM",
                        help="clip the total gradient norm to NORM before each optimizer step; 0 turns clipping off "
                             "(default: %(default)s)")
-    group.add_argument("--accumulate-steps", type=number_arg(int, low=1), default=1, metavar="N",
+    group.add_argument("--accumulate-steps", type=number_arg(int, low=1),
+                       default=_OPTIMIZER_DEFAULTS.accumulate_steps, metavar="N",
                        help="sum the gradients of N batches per optimizer step (N x -b images per step; batch norm "
                             "still sees -b images per forward, see --norm-layer frozen_bn or --sync-bn) "
                             "(default: %(default)s)")
@@ -339,35 +345,6 @@ def parse_args(
     if args.tensorboard_dir is not None and not args.tensorboard:
         parser.error("argument --tensorboard-dir: goes with --tensorboard (add it to log for TensorBoard)")
     return args
-
-
-def model_config_from_args(args: argparse.Namespace, num_classes: int | None = None) -> ModelConfig:
-    """The (unresolved) ``ModelConfig`` the flags describe; ``num_classes`` overrides ``args.num_classes``.
-
-    ``network_files.resolve_config`` fills the automatic fields. Raises ``UserError`` for an impossible combination.
-    """
-    try:
-        return ModelConfig(
-            name=args.model or "maskrcnn",
-            num_classes=num_classes if num_classes is not None else (args.num_classes or 1),
-            backbone=args.backbone,
-            trainable_layers=args.trainable_backbone_layers,
-            norm_layer=args.norm_layer,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            anchor_sizes=tuple(args.anchor_sizes),
-            box_score_thresh=args.box_score_thresh,
-            box_nms_thresh=args.box_nms_thresh,
-            box_detections_per_img=args.detections_per_img,
-            rois_per_image=args.rois_per_image,
-            overlap_cls_head=args.overlap_cls_head,
-            fusion=args.fusion,
-            crossing_mask_weight=args.crossing_mask_weight,
-            min_overlap_area=MIN_OVERLAP_AREA if args.min_overlap_area is None else args.min_overlap_area,
-            loss_weights=dict(args.loss_weights or {}),
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
 
 
 def get_validation_parser() -> ArgumentParser:

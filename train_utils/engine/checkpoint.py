@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saving, safe loading (``weights_only=True``), and rebuilding a model from a checkpoint alone."""
+"""Checkpoints: what a training checkpoint holds (``training_state``, the one writer of ``train.py`` and ``bench/``),
+atomic saving, safe loading (``weights_only=True``), and rebuilding a model from a checkpoint alone."""
 from __future__ import annotations
 
 import os
@@ -14,11 +15,46 @@ from errors import DaCSegError, UserError
 from my_dataset_chromosome import ChromosomeDataset
 from network_files import build_model
 from network_files.config import ModelConfig
+from train_utils.engine.run_config import Labels, StainSettings
+from train_utils.engine.schedule import LR_SCHEDULE_PER_STEP
 from train_utils.outputs.files import atomic_write
 
 
 class CheckpointError(DaCSegError):
     """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                   scaler: torch.amp.GradScaler | None, epoch: int, *, record: Mapping[str, Any],
+                   model_config: ModelConfig, labels: Labels, stain: StainSettings,
+                   best_segm_ap: float | None = None) -> dict[str, Any]:
+    """What ``model_<epoch>.pth`` holds (``weights_only``-loadable): the model and its config, the optimizer, lr
+    schedule, scaler and RNG states a resume continues from, the run's ``record`` (``RunConfig.record()``), the labels
+    and the stain polarity."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "lr_schedule": LR_SCHEDULE_PER_STEP,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "args": dict(record),
+        "model_config": model_config.to_dict(),
+        "label_names": dict(labels.names),
+        "label_to_cat_id": dict(labels.to_cat_id),
+        "rng_state": capture_rng_state(),
+        "best_segm_ap": best_segm_ap,
+        "stain": {"polarity": stain.polarity, "train_counts": stain.train_counts},
+    }
+
+
+def resume_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                          scaler: torch.amp.GradScaler | None) -> None:
+    """Load the optimizer, scaler and RNG states of a checkpoint (the lr schedule: ``schedule.resume_schedule``)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_state(checkpoint["rng_state"])
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:

@@ -9,16 +9,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from train_utils.engine import distributed
+from train_utils import distributed
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the epoch, iteration and loss terms."""
-
-
-def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[tuple[Any, ...], ...]:
-    """``[(image, target), ...]`` -> ``(images, targets)``: detection models take lists, not stacked tensors."""
-    return tuple(zip(*batch))
 
 
 def amp_dtype_from_name(name: str | None) -> torch.dtype | None:

@@ -7,25 +7,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from my_dataset_chromosome import ChromosomeDataset
 from overlaps import MIN_OVERLAP_AREA
-from train_utils.engine import distributed
-from train_utils.engine.loop import collate_fn
-from train_utils.engine.samplers import ShardSampler
+from train_utils import distributed
 from train_utils.evaluation.coco_eval import evaluate_results
 from train_utils.inference.detect import detect
 from train_utils.masks import BoxMasks
 from train_utils.outputs.predictions import outputs_to_coco_results
-
-
-def evaluation_loader(dataset: ChromosomeDataset, workers: int, device: torch.device, batch_size: int = 1,
-                      world_size: int = 1, rank: int = 0) -> DataLoader:
-    """This process's shard of ``dataset`` in order (all of it in a one-process job)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world_size, rank),
-                      num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
 
 
 @torch.inference_mode()

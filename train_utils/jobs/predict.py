@@ -308,6 +308,7 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
         raise UserError("--export imagej needs the roifile package: pip install roifile")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = args.device
     if str(args.weights_path).lower().endswith(".onnx"):
         for flag, used in (("--save-overlap-maps", args.save_overlap_maps), ("--bf16", args.bf16),
                            ("--no-upscale", args.no_upscale)):
@@ -316,9 +317,9 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
         model, config, checkpoint = load_onnx_model(args.weights_path, args.threads)
         if torch.device(args.device).type != "cpu":
             print(f"note: {args.weights_path} runs with onnxruntime on the CPU, not on {args.device}", file=sys.stderr)
-            args.device = "cpu"
+            device = "cpu"
     else:
-        model, config, checkpoint = load_model_from_checkpoint(args.weights_path, args.device)
+        model, config, checkpoint = load_model_from_checkpoint(args.weights_path, device)
     check_model_name(args.model, config, args.weights_path)
     label_names, label_to_cat_id = label_maps(checkpoint, config, args.label_json_path)
     if args.save_overlap_maps and config.name != "dacseg":
@@ -331,7 +332,7 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     except OSError as exc:
         raise UserError(str(exc)) from None
     prepare_model(model, config, args.score_thresh, overlap_maps=args.save_overlap_maps)
-    apply_speedups(model, Speedups(bf16=args.bf16, channels_last=torch.device(args.device).type == "cpu",
+    apply_speedups(model, Speedups(bf16=args.bf16, channels_last=torch.device(device).type == "cpu",
                                    no_upscale=args.no_upscale))
     if args.tta:
         model = FlipTTA(model, score_thresh=args.score_thresh, mask_thresh=args.mask_thresh).eval()
@@ -340,4 +341,4 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
                                                         args.crop_height)
     options = PredictOptions(args.overlap_thresh, args.mask_thresh, args.save_overlap_maps, args.stain, polarity, crops,
                              args.overlay_labels, tuple(args.export), args.review_below, args.expected_count)
-    return predict_files(model, paths, args.output_dir, label_names, label_to_cat_id, args.device, options), len(paths)
+    return predict_files(model, paths, args.output_dir, label_names, label_to_cat_id, device, options), len(paths)

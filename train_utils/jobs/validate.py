@@ -25,9 +25,10 @@ from train_utils.engine.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
+from train_utils.data.loaders import evaluation_loader
 from train_utils.engine.loop import resolve_amp
 from train_utils.evaluation.coco_eval import evaluate_results
-from train_utils.evaluation.score import evaluate, evaluation_loader
+from train_utils.evaluation.score import evaluate
 from train_utils.inference.tta import FlipTTA
 from train_utils.outputs.files import check_output_dir
 from train_utils.outputs.predictions import IMAGES_JSON
