@@ -151,11 +151,11 @@ class TimedBatches:
         self.seconds = time.perf_counter() - start
 
 
-def training_args(args: argparse.Namespace, model_name: str) -> argparse.Namespace:
+def training_args(args: argparse.Namespace, model_name: str, data_path: Path) -> argparse.Namespace:
     """``train.py``'s flags for a training run of ``model_name`` with this benchmark's settings (lr, momentum,
     weight decay, warmup, augmentation, aspect-ratio grouping, AMP: all train.py's defaults), resolved by the
     engine's builders as a run resolves them."""
-    argv = ["--data-path", str(args.data_path), "--device", args.device, "--model", model_name,
+    argv = ["--data-path", str(data_path), "--device", args.device, "--model", model_name,
             "-b", str(args.batch_size), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
             "--overlap-cls-head", args.overlap_cls_head, "--workers", str(args.workers), "--seed", str(args.seed)]
     if args.amp is not None:
@@ -243,7 +243,7 @@ def format_inference(name: str, result: InferenceResult) -> str:
 def benchmark(name: str, args: argparse.Namespace, train_ds: ChromosomeDataset,
               infer_ds: ChromosomeDataset | None, device: torch.device) -> dict[str, float]:
     """Measure one model, print a line per measurement; returns images/s per measurement ("train", "infer b1", ...)."""
-    train_args = training_args(args, "maskrcnn" if name == STOCK else name)
+    train_args = training_args(args, "maskrcnn" if name == STOCK else name, train_ds.root)
     seed_everything(args.seed, 0, 0)
     model = make_model(name, train_args, train_ds.num_classes).to(device)
     rates: dict[str, float] = {}
@@ -316,12 +316,12 @@ def load_data(args: argparse.Namespace, stack: ExitStack) -> tuple[ChromosomeDat
     if args.synthetic is not None:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_train_")))
         generate(root, args.synthetic, args.split, args.seed, SynthConfig(), workers=max(1, args.workers))
-        args.data_path, infer_split = root, args.split
+        infer_split = args.split
     else:
         root, infer_split = Path(args.data_path), args.val_split
         if not root.is_dir():
             raise UserError(f"--data-path {root}: no such directory")
-    train_args = training_args(args, "maskrcnn")
+    train_args = training_args(args, "maskrcnn", root)
     train_ds = ChromosomeDataset(root, split=args.split, transforms=get_transform(train_args.data_augmentation, True))
     if len(train_ds) == 0:
         raise UserError(f"{train_ds.ann_file} has no images")

@@ -101,3 +101,7 @@ def test_trained_models_are_saved_as_checkpoints_predict_can_read(name, tiny_coc
     assert path.name == f"{name}_seed3.pth" and config.name == ("maskrcnn" if name == "stock" else name)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert checkpoint["label_to_cat_id"] == val.label_to_cat_id and (config.min_size, config.max_size) == (128, 160)
+    # the engine's writer: a train.py checkpoint, optimizer and schedule states included
+    assert list(checkpoint) == ["model", "optimizer", "lr_scheduler", "lr_schedule", "scaler", "epoch", "args",
+                                "model_config", "label_names", "label_to_cat_id", "rng_state", "best_segm_ap", "stain"]
+    assert checkpoint["args"]["seed"] == 3 and checkpoint["args"]["opt"] == "sgd"

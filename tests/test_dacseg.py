@@ -341,14 +341,23 @@ def test_training_losses_and_gradients_reach_every_head(model):
 
 
 def test_training_images_without_ground_truth(model):
+    """An image without chromosomes beside one with: the other's masks still teach every mask and DaCSeg term. A
+    batch without any: those terms are 0 and give the mask predictor no gradient, while the background is still
+    learned (classifier and objectness)."""
     model.train()
     image, target = bars_sample(CROSSING_BARS)
-    assert_finite_losses(model([image, image], [target, empty_target()]))
+    mixed = model([image, image], [target, empty_target()])
+    assert_finite_losses(mixed)
+    for name in ("loss_mask",) + DACSEG_LOSS_NAMES:
+        assert mixed[name].item() > 0, name
     losses = model([image, image], [empty_target(), empty_target()])
     assert_finite_losses(losses)
-    for name in ("loss_mask",) + DACSEG_LOSS_NAMES:
-        assert losses[name].item() == 0.0
+    for name in ("loss_mask", "loss_box_reg", "loss_rpn_box_reg") + DACSEG_LOSS_NAMES:
+        assert losses[name].item() == 0.0, name
+    assert losses["loss_classifier"].item() > 0 and losses["loss_objectness"].item() > 0
     sum(losses.values()).backward()
+    assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.roi_heads.mask_predictor.parameters())
 
 
 def test_exactly_one_positive_roi_in_batch(model, monkeypatch):
@@ -427,6 +436,10 @@ def test_training_under_bfloat16_autocast(model):
         losses = model([image, image], [target, empty_target()])
     assert_finite_losses(losses)
     sum(losses.values()).backward()
+    for module_name in DACSEG_MODULES + ("box_predictor",):  # float32 weights get finite float32 gradients
+        grads = [p.grad for p in getattr(model.roi_heads, module_name).parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads), module_name
 
 
 # ------------------------------------------------------------------------------------------------ inference

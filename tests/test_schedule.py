@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
+from errors import UserError
 from train_utils.engine import schedule
+from train_utils.engine.run_config import ScheduleSettings
 
 
 def _factor(step, **kwargs):
@@ -70,3 +72,34 @@ def test_start_step_and_a_new_base_lr_keep_the_position():
     optimizer.step()
     lr_scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3 * _factor(9, total_steps=20, warmup_iters=6))
+
+
+def test_the_settings_build_the_schedule_and_a_resume_keeps_a_new_lr_and_says_so():
+    settings = ScheduleSettings(epochs=5, steps_per_epoch=4, warmup_iters=6)
+    optimizer = _optimizer()
+    lr_scheduler = schedule.make_schedule(optimizer, settings)
+    for _ in range(8):
+        optimizer.step()
+        lr_scheduler.step()
+    state = lr_scheduler.state_dict()
+    optimizer2 = _optimizer(lr=0.3)
+    lr_scheduler2 = schedule.make_schedule(optimizer2, settings)
+    assert schedule.resume_schedule(optimizer2, lr_scheduler2, state, 0.3) == (
+        "resuming with base lr 0.3 instead of the checkpoint's 0.1")
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(0.3 * _factor(8, total_steps=20, warmup_iters=6))
+    optimizer3 = _optimizer()
+    assert schedule.resume_schedule(optimizer3, schedule.make_schedule(optimizer3, settings), state, 0.1) is None
+
+
+def test_a_checkpoint_whose_schedule_counted_epochs_is_refused():
+    schedule.check_resumable({"lr_schedule": schedule.LR_SCHEDULE_PER_STEP}, "model_3.pth")
+    with pytest.raises(UserError, match="model_3.pth holds no per-step lr schedule .* cannot be resumed"):
+        schedule.check_resumable({"epoch": 3, "lr_scheduler": {}}, "model_3.pth")
+
+
+def test_the_lines_say_where_the_lr_came_from_and_what_was_clamped():
+    assert schedule.fit_accumulation(50, 2) == 2 and schedule.fit_accumulation(2, 5) == 2
+    assert schedule.accumulation_note(2, 2, 5) is None
+    assert "--accumulate-steps 50 is more than the 2 batch(es)" in schedule.accumulation_note(50, 2, 2)
+    assert schedule.lr_line(0.004, True, 1, 2, 1) == "lr 0.004 (--lr) for a total batch of 2"
+    assert schedule.lr_line(0.02, False, 2, 2, 1).startswith("lr 0.02: 0.02 per 4 images scaled to a total batch of 4")
