@@ -91,16 +91,26 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_flip_tta_wraps_a_real_detector(checkpoint):
+def test_flip_tta_wraps_a_real_detector(checkpoint, monkeypatch):
     from train_utils.engine.checkpoint import load_model_from_checkpoint
+    from train_utils.inference import tta as tta_module
 
     model, _, _ = load_model_from_checkpoint(checkpoint, "cpu")
     model.roi_heads.score_thresh = 0.0
     tta = FlipTTA(model).eval()
     image = torch.rand(3, 96, 128)
+    views, detect = [], tta_module.detect  # each flipped view runs through the one inference path, detect
+
+    def spy(model_, images, mask_thresh=0.5):
+        views.append((model_, images[0]))
+        return detect(model_, images, mask_thresh)
+
+    monkeypatch.setattr(tta_module, "detect", spy)
     with torch.no_grad():
         (out,) = tta([image])
         plain = model([image])[0]
+    assert [m for m, _ in views] == [model] * 4
+    assert all(torch.equal(seen, image.flip(dims) if dims else image) for (_, seen), dims in zip(views, VIEWS))
     assert out["masks"].size == (96, 128) and len(out["scores"]) >= 1
     assert out["scores"].max() <= plain["scores"].max() + 1e-6  # a mean over views never beats the best view
     assert len(plain["scores"]) == len(out["scores"]) == 5  # --detections-per-img 5: no more with flips

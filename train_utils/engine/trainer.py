@@ -11,6 +11,9 @@ kill during evaluation loses neither the training nor the epoch's result lines.
 
 Randomness is reseeded at the start of every epoch from ``(seed, epoch, rank)``, and the training order from
 ``(seed, epoch)``: a run resumed from ``model_<e>.pth`` repeats the uninterrupted run's epochs ``e + 1 ...``.
+
+The run reads one ``RunConfig``, made by ``setup.resolve_run`` before anything is written; ``args.json`` and every
+checkpoint's ``args`` are its ``record()``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from errors import DaCSegError, UserError, one_line, print_error
-from my_dataset_chromosome import ChromosomeDataset, save_label_json
+from my_dataset_chromosome import save_label_json
 from train_utils import distributed
 from train_utils.data.loaders import evaluation_loader
 from train_utils.distributed import DistInfo
