@@ -72,7 +72,8 @@ def test_a_file_where_the_log_goes_is_one_line_before_anything_is_read_or_create
     def no_work(*args, **kwargs):
         raise AssertionError("the run started before its output folders were checked")
 
-    monkeypatch.setattr(setup, "prepare", no_work)
+    monkeypatch.setattr(setup, "load_checkpoint", no_work)
+    monkeypatch.setattr(setup, "load_datasets", no_work)
     taken = tmp_path / "events"
     taken.write_text("a file")
     out = tmp_path / "run"
