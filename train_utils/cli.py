@@ -203,6 +203,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        default=_MODEL_DEFAULTS.crossing_mask_weight, metavar="W",
                        help="DaCSeg: weight of the final mask loss on the pixels where a crossing chromosome meets "
                             "another (default: %(default)s, the plain mask loss)")
+    group.add_argument("--shape-prior", default=None, metavar="CODEBOOK",
+                       help="DaCSeg: refine each mask with the nearest shapes of a codebook written by "
+                            "tools/build_shape_codebook.py; it is stored in the checkpoint (default: off)")
+    group.add_argument("--shape-prior-nearest", type=number_arg(int, low=1),
+                       default=_MODEL_DEFAULTS.shape_prior_nearest, metavar="K",
+                       help="codebook shapes given to each RoI with --shape-prior (default: %(default)s)")
     add_min_overlap_area_arg(group, training=True)
     group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction, default={},
                        metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "
@@ -363,6 +369,8 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
             overlap_cls_head=args.overlap_cls_head,
             fusion=args.fusion,
             crossing_mask_weight=args.crossing_mask_weight,
+            shape_prior=args.shape_prior,
+            shape_prior_nearest=args.shape_prior_nearest,
             min_overlap_area=MIN_OVERLAP_AREA if args.min_overlap_area is None else args.min_overlap_area,
             loss_weights=dict(args.loss_weights or {}),
         )
