@@ -160,6 +160,8 @@ class ShapePriorHead(nn.Module):
         self.fusion = Conv2dNormActivation(channels + nearest, channels, 3, norm_layer=None)
         self.mask_head = MaskRCNNHeads(channels, [channels] * 4, dilation=1)
         self.mask_predictor = MaskRCNNPredictor(channels, channels, num_classes)
+        nn.init.normal_(self.mask_predictor.mask_fcn_logits.weight, std=0.001)  # start near p = 0.5, as the overlap
+        nn.init.zeros_(self.mask_predictor.mask_fcn_logits.bias)  # stages' predictors do
 
     def load_codebook(self, codebook: Codebook, source: object = "codebook") -> None:
         """Take over a codebook's encoder, centres and decoded centres (``source`` names it in errors)."""
