@@ -98,7 +98,7 @@ def read_codebook_from(autoencoder: ShapeAutoencoder, centres: torch.Tensor):
     return Codebook(autoencoder, centres, torch.ones(centres.shape[:2]), {})
 
 
-@pytest.mark.parametrize("counts", [(0,), (1,), (3, 1), (0, 2)])
+@pytest.mark.parametrize("counts", [(0,), (1,), (3, 1)])
 def test_shapes_line_up_for_any_number_of_detections(model, monkeypatch, counts):
     model.eval()
     boxes_of = [torch.tensor([[20.0, 56, 120, 72], [62, 16, 78, 112], [130, 20, 150, 40]])[:n] for n in counts]
@@ -153,7 +153,7 @@ def test_training_losses_and_gradients(model):
     sum(losses.values()).backward()
 
 
-def test_the_codebook_travels_in_the_state_dict(base_model, codebook, tmp_path):
+def test_the_codebook_travels_in_the_state_dict(base_model, tmp_path):
     state = base_model.state_dict()
     assert state["roi_heads.shape_prior.centres"].shape == (1, 4, CODE_DIM)
     assert state["roi_heads.shape_prior.templates"].shape == (1, 4, MASK_SIZE, MASK_SIZE)
@@ -161,8 +161,6 @@ def test_the_codebook_travels_in_the_state_dict(base_model, codebook, tmp_path):
     rebuilt, _ = model_from_checkpoint({"model": state, "model_config": config.to_dict()}, "ckpt")
     for key, value in rebuilt.state_dict().items():
         assert torch.equal(value, state[key]), key
-    with pytest.raises(CodebookError, match="shape codebook not found: .*gone.pt"):
-        build_model(config)  # a fresh model reads it
 
 
 def test_config_checks():
