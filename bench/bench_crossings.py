@@ -16,7 +16,9 @@ bootstrap over crops (``train_utils.evaluation.stats``).
 Variants: ``stock`` is torchvision's ``MaskRCNN`` on torchvision's ``resnet_fpn_backbone`` with the same backbone,
 anchors and sampling as ours; ``maskrcnn`` and ``dacseg`` are ours as ``train.py`` builds them; ``maskrcnn_mask14``
 (a 14x14 mask head) is the calibration: a model known to be worse at the mask's edge; the ``dacseg_*`` variants are
-ablations (see ``VARIANTS``).
+ablations (see ``VARIANTS``). ``dacseg_shape`` adds the shape prior (``--shape-prior``) with a codebook built from the
+train split only: ``--shape-codebook PT``, or else one built once by ``tools/build_shape_codebook.py`` from the whole
+train images into ``OUT/shape_codebook.pt`` (kept, and reused by later runs into the same ``OUT``).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class Variant:
     config: tuple[tuple[str, Any], ...] = ()  # ModelConfig fields over the bench's
     loss_weights: tuple[tuple[str, float], ...] = ()
     mask_resolution: int = 28  # 14: the calibration's coarser mask head (RoIAlign 7x7)
+    shape_prior: bool = False  # DaCSeg's shape prior, with the bench's train-split codebook
     note: str = ""
 
 
@@ -93,6 +96,8 @@ VARIANTS = {
                             note="F + p * X2, stage 2 gated by the classifier"),
     "dacseg_xweight4": Variant("dacseg", (("overlap_cls_head", "conv"), ("crossing_mask_weight", 4.0)),
                                note="final mask loss x4 on the crossing pixels"),
+    "dacseg_shape": Variant("dacseg", (("overlap_cls_head", "conv"),), shape_prior=True,
+                            note="shape prior, codebook of the train split, 2 nearest shapes"),
 }
 
 
@@ -113,17 +118,23 @@ class Setting:
     synthetic: int = 0  # synthetic spreads whose crossing crops join the training data
 
 
-def model_config(variant: Variant, setting: Setting, num_classes: int, min_size: int, max_size: int) -> ModelConfig:
+def model_config(variant: Variant, setting: Setting, num_classes: int, min_size: int, max_size: int,
+                 codebook: Path | None = None) -> ModelConfig:
+    """The variant's ``ModelConfig``; ``codebook`` is the shape prior's, for a variant with one."""
     fields = dict(name="maskrcnn" if variant.model == "stock" else variant.model, num_classes=num_classes,
                   backbone=setting.backbone, min_size=min_size, max_size=max_size,
                   anchor_sizes=setting.anchor_sizes, rois_per_image=setting.rois_per_image)
     fields.update(dict(variant.config))
+    if variant.shape_prior and codebook is not None:
+        fields["shape_prior"] = str(codebook)
     return resolve_config(ModelConfig(**fields), pretrained=False)
 
 
-def make_model(variant: Variant, setting: Setting, num_classes: int) -> torch.nn.Module:
+def make_model(variant: Variant, setting: Setting, num_classes: int, codebook: Path | None = None) -> torch.nn.Module:
     """The variant at the crops' own scale (no resize: min and max size are the crop size)."""
-    config = model_config(variant, setting, num_classes, setting.crop_size, setting.crop_size)
+    if variant.shape_prior and codebook is None:
+        raise ValueError("a shape-prior variant needs a codebook")
+    config = model_config(variant, setting, num_classes, setting.crop_size, setting.crop_size, codebook)
     if variant.model == "stock":
         backbone = resnet_fpn_backbone(backbone_name=setting.backbone, weights=None, norm_layer=torch.nn.BatchNorm2d,
                                        trainable_layers=5)
@@ -194,7 +205,7 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
     val = ChromosomeDataset(data["crops"], "val", transforms=get_transform("none", train=False))
     train = training_set(data["crops"], data["whole"], setting, data.get("synthetic"))
     seed_everything(seed, 0, 0)
-    model = make_model(variant, setting, val.num_classes)
+    model = make_model(variant, setting, val.num_classes, data.get("codebook"))
     loader = DataLoader(train, batch_sampler=SeededBatches(len(train), setting.batch_size, seed),
                         num_workers=workers, collate_fn=collate_fn, persistent_workers=workers > 0)
     optimization = OptimizerSettings(lr=setting.lr)  # train.py's defaults but for the lr
@@ -225,7 +236,8 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
     run.steps = setting.steps
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        config = model_config(variant, setting, val.num_classes, 576, 768)  # whole BioImLab images, own scale
+        # whole BioImLab images, own scale
+        config = model_config(variant, setting, val.num_classes, 576, 768, data.get("codebook"))
         record = {"bench": "bench_crossings", "variant": name, "seed": seed, "opt": optimization.name,
                   "setting": dataclasses.asdict(setting)}
         save_checkpoint(training_state(model, optimizer, lr_scheduler, None, setting.steps, record=record,
@@ -253,6 +265,17 @@ def prepare(source: Path, work: Path, setting: Setting) -> dict[str, Path]:
     return data
 
 
+def shape_codebook(whole: Path, out: Path) -> Path:
+    """The train split's shape codebook at ``out``, built by ``tools/build_shape_codebook.py`` unless already there."""
+    if not out.is_file():
+        from tools import build_shape_codebook  # noqa: PLC0415
+
+        print(f"# building the shape codebook of {whole} train -> {out}", flush=True)
+        if build_shape_codebook.main(["--data-path", str(whole), "--split", "train", "--out", str(out)]) != 0:
+            raise SystemExit(f"bench_crossings.py: error: could not build the shape codebook {out}")
+    return out
+
+
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["stock", "maskrcnn", "dacseg"])
@@ -272,6 +295,9 @@ def get_args_parser() -> ArgumentParser:
                         help="sampled RoIs per training image (default %(default)s)")
     parser.add_argument("--synthetic", type=number_arg(int, low=0), default=0,
                         help="add the crossing crops of N synthetic spreads to training (default 0)")
+    parser.add_argument("--shape-codebook", type=Path, default=None, metavar="PT",
+                        help="codebook of the shape-prior variants, built from the train split only (default: "
+                             "OUT/shape_codebook.pt, built there from the train images when absent)")
     parser.add_argument("--save-dir", type=Path, default=None, help="also save each model as a train.py checkpoint")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=1)
     parser.add_argument("--bootstrap", type=number_arg(int, low=100), default=1000, help="bootstrap draws")
@@ -296,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
         data = prepare(args.data_path, Path(work), setting)
+        if any(VARIANTS[name].shape_prior for name in args.variants):
+            data["codebook"] = args.shape_codebook or shape_codebook(data["whole"], args.out / "shape_codebook.pt")
         shutil.copyfile(data["crops"] / "annotations" / "instances_val.json", args.out / VAL_CROPS)
         for seed in args.seeds:
             for name in args.variants:

@@ -40,12 +40,14 @@ def resolve_config(config: ModelConfig, pretrained: bool) -> ModelConfig:
     return dataclasses.replace(config, trainable_layers=trainable_layers, norm_layer=norm_layer)
 
 
-def build_model(config: ModelConfig, pretrained_backbone: str | Path | None = None) -> MaskRCNN:
+def build_model(config: ModelConfig, pretrained_backbone: str | Path | None = None,
+                load_codebook: bool = True) -> MaskRCNN:
     """A torchvision ``MaskRCNN`` (DaCSeg heads when ``config.name == "dacseg"``) with ``num_classes + 1`` classes.
 
     ``pretrained_backbone`` is a local ResNet state dict or a torchvision weights name. Automatic config fields are
     resolved with ``pretrained = pretrained_backbone is not None``; callers that load detector weights afterwards
-    should pass ``resolve_config(config, pretrained=True)``.
+    should pass ``resolve_config(config, pretrained=True)``. ``load_codebook=False`` leaves ``config.shape_prior``'s
+    file unread, for a checkpoint's state dict (which holds the codebook) to fill.
     """
     config = resolve_config(config, pretrained=pretrained_backbone is not None)
     backbone = resnet_fpn_backbone(config.backbone, config.norm_layer, config.trainable_layers, pretrained_backbone)
@@ -65,7 +67,7 @@ def build_model(config: ModelConfig, pretrained_backbone: str | Path | None = No
         box_batch_size_per_image=config.rois_per_image,
     )
     if config.name == "dacseg":
-        model = convert_to_dacseg(model, config)
+        model = convert_to_dacseg(model, config, load_codebook)
     return model
 
 

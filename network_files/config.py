@@ -23,7 +23,9 @@ DACSEG_LOSS_NAMES = (
     "loss_overlap_else",
     "loss_overlap_else_edge",
 )
-LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES
+# with a shape prior, ``loss_mask`` is the refined (final) mask's and the coarse mask keeps its own term
+SHAPE_PRIOR_LOSS_NAMES = ("loss_coarse_mask",)
+LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES + SHAPE_PRIOR_LOSS_NAMES
 
 
 @dataclass
@@ -52,6 +54,10 @@ class ModelConfig:
     fusion: str = "stage2"
     # the final mask loss's weight on the pixels where a crossing chromosome meets another (1: plain Mask R-CNN loss)
     crossing_mask_weight: float = 1.0
+    # a shape codebook file (tools/build_shape_codebook.py): the final mask is refined with the shapes nearest to the
+    # coarse mask (network_files/shape_prior.py); the codebook itself travels in the state dict
+    shape_prior: Optional[str] = None
+    shape_prior_nearest: int = 2  # codebook shapes given to each RoI
     loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,10 +92,17 @@ class ModelConfig:
             raise ValueError(f"unknown DaCSeg fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.crossing_mask_weight < float("inf"):
             raise ValueError(f"crossing_mask_weight must be a finite number >= 0, got {self.crossing_mask_weight}")
-        known = MASKRCNN_LOSS_NAMES + (DACSEG_LOSS_NAMES if self.name == "dacseg" else ())
+        if self.shape_prior is not None and self.name != "dacseg":
+            raise ValueError("a shape prior (--shape-prior) needs --model dacseg")
+        if self.shape_prior_nearest < 1:
+            raise ValueError(f"shape_prior_nearest must be at least 1, got {self.shape_prior_nearest}")
+        known = (MASKRCNN_LOSS_NAMES + (DACSEG_LOSS_NAMES if self.name == "dacseg" else ())
+                 + (SHAPE_PRIOR_LOSS_NAMES if self.shape_prior is not None else ()))
         unknown = sorted(set(self.loss_weights) - set(known))
         if unknown:
             only_dacseg = " (DaCSeg's terms need --model dacseg)" if set(unknown) & set(DACSEG_LOSS_NAMES) else ""
+            if set(unknown) & set(SHAPE_PRIOR_LOSS_NAMES):
+                only_dacseg = " (loss_coarse_mask needs --shape-prior)"
             raise ValueError(f"no loss term named {', '.join(unknown)} in a {self.name} model{only_dacseg}; "
                              f"known: {', '.join(known)}")
 

@@ -7,6 +7,9 @@ For every mask RoI the 14x14x256 RoIAlign features F are pooled once and feed th
     F + X1 ──▶ stage 2 (same, own weights) = X2 ─▶ overlap-else mask, its boundary      [R, K+1, 28, 28]
     F + X2 ──▶ Mask R-CNN mask head + predictor ─▶ final mask                           [R, K+1, 28, 28]
 
+With a shape prior (``ModelConfig.shape_prior``, ``shape_prior``) that mask is the coarse one: the nearest codebook
+shapes to it and F + X2 feed a refinement head, whose mask is the final one (the coarse mask keeps its own loss).
+
 ``ModelConfig.fusion`` picks what the final mask head reads (F + X2 as published; F + X1; F + p·X2, stage 2 gated by
 the classifier's overlap probability p; or F alone), and ``crossing_mask_weight`` weighs the final mask loss on the
 pixels where a crossing chromosome meets another.
@@ -36,6 +39,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .config import ModelConfig
+from .shape_prior import ShapePriorHead, read_codebook
 
 # inference keys of the auxiliary maps, in the order of ``DaCSegLogits`` fields 1..4
 OVERLAP_MAP_KEYS = ("overlap_mask", "overlap_edge", "overlap_else_mask", "overlap_else_edge")
@@ -127,7 +131,8 @@ class DaCSegLogits(NamedTuple):
     overlap_edge: Tensor | None
     overlap_else: Tensor | None
     overlap_else_edge: Tensor | None
-    mask: Tensor  # the fused final mask
+    mask: Tensor  # the final mask: the fused one, or its refinement by the shape prior
+    coarse_mask: Tensor | None = None  # with a shape prior: the fused mask it refined
 
 
 def dacseg_loss(logits: DaCSegLogits, targets: OverlapTargets) -> dict[str, Tensor]:
@@ -264,6 +269,7 @@ class DaCSegRoIHeads(RoIHeads):
         overlap_head: BilayerOverlapHead,
         fusion: str = "stage2",
         crossing_mask_weight: float = 1.0,
+        shape_prior: ShapePriorHead | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -273,6 +279,7 @@ class DaCSegRoIHeads(RoIHeads):
         self.overlap_head = overlap_head
         self.fusion = fusion  # ``ModelConfig.fusion``
         self.crossing_mask_weight = crossing_mask_weight
+        self.shape_prior = shape_prior
         self.return_overlap_maps = False
 
     @classmethod
@@ -284,6 +291,7 @@ class DaCSegRoIHeads(RoIHeads):
         overlap_head: BilayerOverlapHead,
         fusion: str = "stage2",
         crossing_mask_weight: float = 1.0,
+        shape_prior: ShapePriorHead | None = None,
     ) -> "DaCSegRoIHeads":
         """Take over the modules (shared, not copied) and settings of a torchvision Mask R-CNN ``RoIHeads``."""
         return cls(
@@ -305,6 +313,7 @@ class DaCSegRoIHeads(RoIHeads):
             overlap_head=overlap_head,
             fusion=fusion,
             crossing_mask_weight=crossing_mask_weight,
+            shape_prior=shape_prior,
         )
 
     def box_logits(
@@ -316,10 +325,10 @@ class DaCSegRoIHeads(RoIHeads):
 
     def dacseg_logits(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
-        with_maps: bool = True,
+        with_maps: bool = True, labels: list[Tensor] | None = None,
     ) -> DaCSegLogits:
         """Run every DaCSeg head on the mask RoI features of ``boxes``, pooled once (the four auxiliary maps only
-        ``with_maps``; they are None otherwise)."""
+        ``with_maps``; they are None otherwise). The shape prior needs each box's class (``labels``, per image)."""
         roi_features = self.mask_roi_pool(features, boxes, image_shapes)
         x1, x2, overlap_maps = self.overlap_head(roi_features, with_maps)
         overlap_cls = self.overlap_classifier(roi_features)
@@ -332,7 +341,12 @@ class DaCSegRoIHeads(RoIHeads):
         else:
             fused = roi_features
         mask = self.mask_predictor(self.mask_head(fused))
-        return DaCSegLogits(overlap_cls, *overlap_maps, mask)
+        if self.shape_prior is None:
+            return DaCSegLogits(overlap_cls, *overlap_maps, mask)
+        if labels is None:
+            raise ValueError("a DaCSeg model with a shape prior needs the class of each box (labels)")
+        refined = self.shape_prior(fused, mask, torch.cat(labels))
+        return DaCSegLogits(overlap_cls, *overlap_maps, refined, coarse_mask=mask)
 
     def forward(
         self,
@@ -352,7 +366,8 @@ class DaCSegRoIHeads(RoIHeads):
         positives = [torch.where(image_labels > 0)[0] for image_labels in labels]
         mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
         pos_matched_idxs = [idxs[pos] for idxs, pos in zip(matched_idxs, positives)]
-        logits = self.dacseg_logits(features, mask_proposals, image_shapes)
+        roi_labels = [t["labels"][idxs] for t, idxs in zip(targets, pos_matched_idxs)]
+        logits = self.dacseg_logits(features, mask_proposals, image_shapes, labels=roi_labels)
 
         if any(OVERLAPPING_KEY not in t for t in targets):
             raise ValueError(f"DaCSeg training targets need {OVERLAPPING_KEY!r}: a bool per instance, whether it "
@@ -370,6 +385,9 @@ class DaCSegRoIHeads(RoIHeads):
             crossing_weighted_mask_loss(logits.mask, mask_proposals, gt_masks, pos_matched_idxs, targets_overlap,
                                         self.crossing_mask_weight),
         }
+        if logits.coarse_mask is not None:
+            losses["loss_coarse_mask"] = maskrcnn_loss(logits.coarse_mask, mask_proposals, gt_masks, gt_labels,
+                                                       pos_matched_idxs)
         losses.update(dacseg_loss(logits, targets_overlap))
         return [], losses
 
@@ -379,7 +397,7 @@ class DaCSegRoIHeads(RoIHeads):
         """Detections with fused ``masks``, ``overlap_scores`` and, when asked, the auxiliary maps (28x28 per box)."""
         class_logits, box_regression = self.box_logits(features, proposals, image_shapes)
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        logits = self.dacseg_logits(features, boxes, image_shapes, with_maps=self.return_overlap_maps)
+        logits = self.dacseg_logits(features, boxes, image_shapes, with_maps=self.return_overlap_maps, labels=labels)
         counts = [len(b) for b in boxes]
         masks = maskrcnn_inference(logits.mask, labels)
         overlap_scores = logits.overlap_cls.float().softmax(dim=1)[:, 1].split(counts)
@@ -413,12 +431,14 @@ class DaCSegTransform(GeneralizedRCNNTransform):
         return result
 
 
-def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
+def convert_to_dacseg(model: MaskRCNN, config: ModelConfig, load_codebook: bool = True) -> MaskRCNN:
     """Turn a torchvision Mask R-CNN into DaCSeg in place and return it.
 
     Keeps the backbone, RPN, box branch and mask RoIAlign/head/predictor (so Mask R-CNN weights load into it), adds
     the overlap classifier (``config.overlap_cls_head``) and the bilayer head, and swaps the transform for
     ``DaCSegTransform``. (``config.loss_weights`` are applied by the training step, ``train_utils.engine.loop``.)
+    With ``config.shape_prior`` it adds the shape prior head, reading the codebook file when ``load_codebook`` (not
+    when a checkpoint's state dict, which holds the codebook, is loaded next).
     """
     roi_heads = model.roi_heads
     if isinstance(roi_heads, DaCSegRoIHeads):
@@ -438,12 +458,19 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig) -> MaskRCNN:
     else:
         classifier = overlap_classifier_conv(channels)
     device = roi_heads.mask_predictor.conv5_mask.weight.device
+    shape_prior = None
+    if config.shape_prior is not None:
+        shape_prior = ShapePriorHead(channels, num_classes, config.shape_prior_nearest)
+        if load_codebook:
+            shape_prior.load_codebook(read_codebook(config.shape_prior, config.num_classes), config.shape_prior)
+        shape_prior = shape_prior.to(device)
     model.roi_heads = DaCSegRoIHeads.from_roi_heads(
         roi_heads,
         overlap_classifier=classifier.to(device),
         overlap_head=BilayerOverlapHead(channels, num_classes).to(device),
         fusion=config.fusion,
         crossing_mask_weight=config.crossing_mask_weight,
+        shape_prior=shape_prior,
     )
     transform = model.transform
     model.transform = DaCSegTransform(

@@ -3,6 +3,7 @@ tables and intervals on hand-made runs, the picture."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,8 +78,10 @@ def test_variants_build_at_the_crops_scale(name):
 
 def test_every_variant_has_a_valid_config_with_its_options():
     for name, variant in bench.VARIANTS.items():
-        config = bench.model_config(variant, bench.Setting(), 1, 576, 768)  # as its checkpoint records it
+        # as its checkpoint records it
+        config = bench.model_config(variant, bench.Setting(), 1, 576, 768, codebook=Path("codebook.pt"))
         assert config.name == ("maskrcnn" if variant.model == "stock" else variant.model)
+        assert config.shape_prior == ("codebook.pt" if variant.shape_prior else None), name
         for key, value in variant.config:
             assert getattr(config, key) == value, name
         assert (config.min_size, config.max_size, config.backbone) == (576, 768, "resnet18")

@@ -149,7 +149,7 @@ def test_new_heads_are_reported_as_starting_fresh(tmp_path, coco_like_state):
 def test_dacseg_name_converts_the_model(monkeypatch):
     calls = []
 
-    def convert_to_dacseg(model, config):
+    def convert_to_dacseg(model, config, load_codebook=True):
         calls.append(config.name)
         model.converted = True
         return model

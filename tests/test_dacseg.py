@@ -13,7 +13,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import masks_to_boxes
 
 from network_files import ModelConfig, build_model
-from network_files.config import DACSEG_LOSS_NAMES, LOSS_NAMES
+from network_files.config import DACSEG_LOSS_NAMES, LOSS_NAMES, SHAPE_PRIOR_LOSS_NAMES
 from network_files.dacseg import (
     OVERLAP_MAP_KEYS,
     DaCSegRoIHeads,
@@ -95,7 +95,7 @@ def model(base_model):
 
 
 def assert_finite_losses(losses: dict[str, torch.Tensor]) -> None:
-    assert set(losses) == set(LOSS_NAMES)
+    assert set(losses) == (set(LOSS_NAMES) - set(SHAPE_PRIOR_LOSS_NAMES))
     for name, value in losses.items():
         assert value.ndim == 0 and torch.isfinite(value), name
 
@@ -369,14 +369,14 @@ def test_exactly_one_positive_roi_in_batch(model, monkeypatch):
     rois_seen = []
     dacseg_logits = DaCSegRoIHeads.dacseg_logits
 
-    def spy(self, features, boxes, image_shapes, with_maps=True):
+    def spy(self, features, boxes, image_shapes, with_maps=True, labels=None):
         rois_seen.append([len(b) for b in boxes])
-        return dacseg_logits(self, features, boxes, image_shapes, with_maps)
+        return dacseg_logits(self, features, boxes, image_shapes, with_maps, labels)
 
     monkeypatch.setattr(DaCSegRoIHeads, "dacseg_logits", spy)
     _, losses = model.roi_heads(features, [far_away, far_away.clone()], images.image_sizes, targets)
     assert rois_seen == [[1, 0]]  # the ground-truth box of image 0, added as a proposal
-    assert set(losses) == set(LOSS_NAMES) - {"loss_objectness", "loss_rpn_box_reg"}
+    assert set(losses) == (set(LOSS_NAMES) - set(SHAPE_PRIOR_LOSS_NAMES)) - {"loss_objectness", "loss_rpn_box_reg"}
     for name, value in losses.items():
         assert torch.isfinite(value), name
     assert losses["loss_overlap"].item() > 0
@@ -501,9 +501,9 @@ def test_batch_with_different_detection_counts_in_one_pass(model, monkeypatch):
     calls = []
     dacseg_logits = DaCSegRoIHeads.dacseg_logits
 
-    def spy(self, features, rois, image_shapes, with_maps=True):
+    def spy(self, features, rois, image_shapes, with_maps=True, labels=None):
         calls.append(([len(b) for b in rois], with_maps))
-        return dacseg_logits(self, features, rois, image_shapes, with_maps)
+        return dacseg_logits(self, features, rois, image_shapes, with_maps, labels)
 
     monkeypatch.setattr(DaCSegRoIHeads, "dacseg_logits", spy)
     monkeypatch.setattr(model.roi_heads, "postprocess_detections", fixed_detections(boxes))

@@ -230,3 +230,29 @@ def test_validation_and_train_test_only_score_a_checkpoint_alike(tiny_coco, chec
         assert validated[key] == tested[key], key
     assert (tmp_path / "v" / "record_mAP.txt").read_text().splitlines()[:60] == \
         (tmp_path / "t" / "record_mAP.txt").read_text().splitlines()[:60]
+
+
+def test_a_shape_prior_checkpoint_round_trips_without_its_codebook_file(tiny_coco, tmp_path, capsys):
+    """The codebook travels in the checkpoint: with the file gone, validation.py and predict.py run a DaCSeg model
+    with a shape prior."""
+    import predict
+    from tests.test_shape_prior import write_codebook
+
+    codebook = write_codebook(tmp_path / "codebook.pt")
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="dacseg", backbone="resnet18", overlap_cls_head="conv", min_size=128, max_size=160,
+                      trainable_layers=0, norm_layer="frozen_bn", box_detections_per_img=3, shape_prior=str(codebook))
+    checkpoint = tmp_path / "model_0.pth"
+    save_checkpoint({"model": build_model(cfg).state_dict(), "model_config": cfg.to_dict(), "epoch": 0,
+                     "label_names": {1: "chromosome"}, "label_to_cat_id": {1: 1}}, checkpoint)
+    codebook.unlink()
+
+    rc, _, _ = run_main(capsys, "--weights-path", checkpoint, "--data-path", tiny_coco, "--split", "val",
+                        "--output-dir", tmp_path / "val", "--device", "cpu", "-j", "0")
+    assert rc == 0
+    record = json.loads((tmp_path / "val" / "record_mAP.json").read_text())
+    assert record["model"] == "dacseg" and record["num_images"] == 2 and record["num_detections"] == 6
+    assert predict.main(["--weights-path", str(checkpoint), str(tiny_coco / "images" / "val_001.png"),
+                         "--output-dir", str(tmp_path / "pred"), "--device", "cpu", "--score-thresh", "0.0"]) == 0
+    results = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(results) == 3 and all(0 <= r["overlap_score"] <= 1 for r in results)

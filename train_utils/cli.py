@@ -205,6 +205,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        default=_MODEL_DEFAULTS.crossing_mask_weight, metavar="W",
                        help="DaCSeg: weight of the final mask loss on the pixels where a crossing chromosome meets "
                             "another (default: %(default)s, the plain mask loss)")
+    group.add_argument("--shape-prior", default=None, metavar="CODEBOOK",
+                       help="DaCSeg: refine each mask with the nearest shapes of a codebook written by "
+                            "tools/build_shape_codebook.py; it is stored in the checkpoint (default: off)")
+    group.add_argument("--shape-prior-nearest", type=number_arg(int, low=1),
+                       default=_MODEL_DEFAULTS.shape_prior_nearest, metavar="K",
+                       help="codebook shapes given to each RoI with --shape-prior (default: %(default)s)")
     add_min_overlap_area_arg(group, training=True)
     group.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction, default={},
                        metavar="NAME=W", help="weights of loss terms, e.g. loss_mask=2 loss_overlap=0.5 (default: 1 "

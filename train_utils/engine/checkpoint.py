@@ -91,7 +91,7 @@ def model_from_checkpoint(
 ) -> tuple[torch.nn.Module, ModelConfig]:
     """Rebuild the model a loaded checkpoint describes and load its weights; returns (model in eval mode, config)."""
     config = config_from_checkpoint(checkpoint, path)
-    model = build_model(config)
+    model = build_model(config, load_codebook=False)  # a shape prior's codebook is in the state dict
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
