@@ -3,45 +3,67 @@
     python bench/bench_infer.py                                    # BioImLab val images, untrained weights
     python bench/bench_infer.py --weights-path runs/dacseg/best.pth --levers all
     python bench/bench_infer.py --model dacseg --onnx d.onnx       # also time an exported model
+    python bench/bench_infer.py --weights-path best.pth --levers channels_last --compile --rpn-proposals 500 300 \
+        --onnx m.onnx --openvino m.xml --openvino-static
 
 Ours runs ``train_utils.jobs.predict.predict_image`` (``inference.detect``: bounded pasting, masks thresholded), with
 each set of levers in ``--levers``; stock runs ``torchvision.models.detection.maskrcnn_resnet50_fpn``'s own forward
 with the same weights (our ``maskrcnn`` has stock's modules, so its state dict loads as it is; for ``dacseg``, stock
-gets the Mask R-CNN part). Both keep exactly ``--detections`` detections per image (score threshold 0), so both
-paste the same number of masks. Runs are interleaved image by image (ours, stock, ours, ...) after one untimed
-round, and each configuration's time is the median over ``--repeats`` rounds of the mean seconds per image.
+gets the Mask R-CNN part; a ``maskrcnn`` on another backbone is torchvision's ``MaskRCNN`` already, and stock is a
+copy of it run by torchvision's own forward). Both keep exactly ``--detections`` detections per image (score
+threshold 0), so both paste the same number of masks. Runs are interleaved image by image (ours, stock, ours, ...)
+after one untimed call per input size, and each configuration's time is the median over ``--repeats`` rounds of the
+mean seconds per image.
 
-Each lever set is also compared with our plain float32 path on the same images: how many of the detections scoring
-at least ``--score-thresh`` differ (no twin at mask IoU >= 0.5 on the other side), the lowest and median mask IoU of
-the matched pairs, and how many of those stay below ``--min-iou``. With untrained weights (no ``--weights-path``)
-the scores are noise and the check says little; give a trained checkpoint to judge it. Run by hand on an otherwise idle machine; never from CI or pytest.
+Each configuration is also compared with our plain float32 path on the same images: how many of the detections
+scoring at least ``--score-thresh`` differ (no twin at mask IoU >= 0.5 on the other side), the lowest and median mask
+IoU of the matched pairs, and how many of those stay below ``--min-iou``; on BioImLab val, also segm AP and recall
+(IoU 0.5, score >= ``--score-thresh``) against the ground truth of the timed images. With untrained weights (no
+``--weights-path``) the scores are noise and the check says little; give a trained checkpoint to judge it.
+
+More configurations: ``--compile`` (``torch.compile`` of the backbone and FPN with inductor and freezing, on top of
+channels-last; the untimed first call per input size pays the compilation and is printed); ``--rpn-proposals N ...``
+(the RPN's test-time proposals kept before and after NMS, 1000 by default; channels-last); ``--onnx FILE`` (the
+exported model under onnxruntime, with onnxruntime's own session options and with ours,
+``inference.exported.OrtOptions``); ``--openvino FILE`` (an ``.xml`` from ``tools/export.py --format openvino``, or
+the ``.onnx`` itself) compiled in float32 for any size, and with ``--openvino-static`` also once per input size. An
+exported graph keeps the checkpoint's own detection limit, not ``--detections``. A configuration that fails (a
+compilation, a conversion) prints one line and the run goes on without it. The load average is printed at the start
+and the end. Run by hand, on an otherwise idle machine; never from CI or pytest.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from errors import DaCSegError, print_error  # noqa: E402
+from errors import DaCSegError, one_line, print_error  # noqa: E402
 from my_dataset_chromosome import read_image  # noqa: E402
 from network_files import ModelConfig, build_model  # noqa: E402
 from tools.labelme2coco import convert_labelme  # noqa: E402
 from train_utils.cli import ArgumentParser, expand_inputs, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
-from train_utils.inference.detect import LEVERS, Speedups, apply_speedups  # noqa: E402
+from train_utils.evaluation.coco_eval import evaluate_results  # noqa: E402
+from train_utils.inference.detect import LEVERS, Speedups, apply_speedups, prepare_model  # noqa: E402
+from train_utils.inference.exported import OnnxDetector, OpenVinoDetector, OrtOptions  # noqa: E402
 from train_utils.jobs.predict import predict_image  # noqa: E402
+from train_utils.outputs.predictions import outputs_to_coco_results  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bioimlab"
 LEVER_SETS = {"fp32": (), "bf16": ("bf16",), "channels_last": ("channels_last",), "no_upscale": ("no_upscale",),
               "bf16+channels_last": ("bf16", "channels_last"), "all": LEVERS}
+Runner = Callable[[torch.Tensor], tuple[dict[str, Any], float]]  # one image -> (our outputs, seconds)
 
 
 @dataclass
@@ -54,15 +76,20 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def load_images(args) -> list[torch.Tensor]:
-    """``--images`` inputs, or the first ``--num-images`` BioImLab val images (converted into a temporary folder)."""
+def load_images(args) -> tuple[list[torch.Tensor], Any]:
+    """``--images`` inputs, or the first ``--num-images`` BioImLab val images (converted into a temporary folder)
+    with their ground truth (a pycocotools ``COCO``; None for ``--images``)."""
     if args.images:
-        paths = expand_inputs(args.images)
-    else:
-        work = Path(tempfile.mkdtemp(prefix="bench_infer_"))
-        convert_labelme([args.data_path / "labelme" / "val"], work, split="val")
-        paths = sorted((work / "images").iterdir())
-    return [read_image(p) for p in paths[:args.num_images]]
+        return [read_image(p) for p in expand_inputs(args.images)[:args.num_images]], None
+    from pycocotools.coco import COCO
+
+    work = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    convert_labelme([args.data_path / "labelme" / "val"], work, split="val")
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        coco = COCO(str(work / "annotations" / "instances_val.json"))
+    infos = sorted(coco.dataset["images"], key=lambda info: info["file_name"])[:args.num_images]
+    coco.bench_ids = [info["id"] for info in infos]
+    return [read_image(work / "images" / info["file_name"]) for info in infos], coco
 
 
 def our_model(args) -> tuple[torch.nn.Module, ModelConfig]:
@@ -76,7 +103,12 @@ def our_model(args) -> tuple[torch.nn.Module, ModelConfig]:
 
 
 def stock_model(ours: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
-    """torchvision's Mask R-CNN with our weights (the Mask R-CNN part of a DaCSeg model)."""
+    """torchvision's Mask R-CNN with our weights (the Mask R-CNN part of a DaCSeg model); a copy of a ``maskrcnn`` on
+    another backbone, which is torchvision's ``MaskRCNN`` already."""
+    if config.name == "maskrcnn" and config.backbone != "resnet50":
+        import copy
+
+        return apply_speedups(copy.deepcopy(ours), Speedups()).eval()
     stock = torchvision.models.detection.maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=config.num_classes + 1, min_size=config.min_size,
         max_size=config.max_size)
@@ -127,50 +159,121 @@ def agreement(reference: dict, output: dict, score_thresh: float) -> tuple[int, 
     return len(ref_masks), unmatched + len(out_masks), ious
 
 
-def time_levers(args, ours, config, images) -> tuple[dict[str, Timing], Timing, dict[str, tuple]]:
-    """Per lever set: our seconds per image per round; stock's; and the agreement with our float32 outputs."""
+@contextlib.contextmanager
+def lever_runner(ours: torch.nn.Module, names: tuple[str, ...]) -> Iterator[Runner]:
+    apply_speedups(ours, Speedups.from_names(names))
+    try:
+        yield lambda image: predict_image(ours, image, "cpu")
+    finally:
+        apply_speedups(ours, Speedups())
+
+
+@contextlib.contextmanager
+def rpn_runner(ours: torch.nn.Module, proposals: int) -> Iterator[Runner]:
+    """Channels-last (predict's default) with ``proposals`` RPN proposals kept before and after NMS at test time."""
+    rpn = ours.rpn
+    saved = rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"]
+    rpn._pre_nms_top_n["testing"] = rpn._post_nms_top_n["testing"] = proposals
+    try:
+        with lever_runner(ours, ("channels_last",)) as run:
+            yield run
+    finally:
+        rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = saved
+
+
+@contextlib.contextmanager
+def compile_runner(ours: torch.nn.Module) -> Iterator[Runner]:
+    """Channels-last with the backbone and FPN compiled by inductor with freezing (weights folded in as constants),
+    one graph per input size (``dynamic=False``)."""
+    import torch._inductor.config as inductor_config
+
+    saved_backbone, saved_freezing = ours.backbone, inductor_config.freezing
+    inductor_config.freezing = True
+    ours.backbone = torch.compile(saved_backbone, backend="inductor", dynamic=False)
+    try:
+        with lever_runner(ours, ("channels_last",)) as run:
+            yield run
+    finally:
+        ours.backbone, inductor_config.freezing = saved_backbone, saved_freezing
+
+
+@contextlib.contextmanager
+def exported_runner(make: Callable[[], Any], config: ModelConfig) -> Iterator[Runner]:
+    detector = make()
+    prepare_model(detector, config, 0.0)
+    yield lambda image: predict_image(detector, image, "cpu")
+
+
+def configurations(args, ours: torch.nn.Module, config: ModelConfig
+                   ) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+    """Name -> a function that sets one configuration up, as a context manager yielding its runner."""
+    found: dict[str, Callable] = {name: (lambda n=name: lever_runner(ours, LEVER_SETS[n])) for name in args.levers}
+    if args.compile:
+        found["compile (inductor, freezing)"] = lambda: compile_runner(ours)
+    for count in args.rpn_proposals:
+        found[f"rpn {count} proposals"] = lambda n=count: rpn_runner(ours, n)
+    threads = torch.get_num_threads()
+    if args.onnx:
+        found["onnxruntime, its own options"] = lambda: exported_runner(
+            lambda: OnnxDetector(args.onnx, threads, OrtOptions(spinning=True)), config)
+        found["onnxruntime, OrtOptions()"] = lambda: exported_runner(lambda: OnnxDetector(args.onnx, threads), config)
+    if args.openvino:
+        found["openvino f32, any size"] = lambda: exported_runner(lambda: OpenVinoDetector(args.openvino, threads),
+                                                                  config)
+        if args.openvino_static:
+            found["openvino f32, a shape per size"] = lambda: exported_runner(
+                lambda: OpenVinoDetector(args.openvino, threads, static_shapes=True), config)
+    return found
+
+
+def segm_scores(outputs: list[dict], coco: Any, score_thresh: float) -> str:
+    """segm AP and recall at IoU 0.5 (score >= ``score_thresh``) against BioImLab's ground truth ("" without)."""
+    if coco is None:
+        return ""
+    results = outputs_to_coco_results(outputs, coco.bench_ids, {1: 1})
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        record = evaluate_results(coco, results, score_thresh, image_ids=coco.bench_ids)
+    return f"{record['segm']['AP']:.3f}, {record['recall']:.3f}"
+
+
+def time_configurations(args, ours, config, images, coco) -> tuple[list[tuple], Timing]:
+    """Per configuration, interleaved image by image with stock: (name, its Timing, the agreement with our float32
+    outputs, segm AP and recall, the first call's seconds per input size); and stock's Timing."""
     stock = stock_model(ours, config)
     for model in (ours, stock):
         keep_detections(model, args.detections)
     reference = [predict_image(ours, image, "cpu")[0] for image in images]
-    timings, agreements = {}, {}
-    stock_timing = Timing("stock", [])
-    for name in args.levers:
-        model = apply_speedups(ours, Speedups.from_names(LEVER_SETS[name]))
-        for image in images[:1]:  # one untimed round of this configuration
-            predict_image(model, image, "cpu")
-        outputs, rounds = [], []
-        for _ in range(args.repeats):
-            ours_s, stock_s = [], []
-            for image in images:
-                output, seconds = predict_image(model, image, "cpu")
-                ours_s.append(seconds)
-                if len(outputs) < len(images):
-                    outputs.append(output)
-                stock_s.append(run_stock(stock, image))
-            rounds.append(statistics.fmean(ours_s))
-            stock_timing.seconds.append(statistics.fmean(stock_s))
-        timings[name] = Timing(name, rounds)
+    rows, stock_timing = [], Timing("stock", [])
+    for name, setup in configurations(args, ours, config).items():
+        try:
+            with setup() as run:
+                first_calls: dict[str, float] = {}
+                for image in images:  # one untimed call per input size (where it compiles, the compilation)
+                    size = "x".join(map(str, image.shape[:0:-1]))
+                    if size not in first_calls:
+                        start = time.perf_counter()
+                        run(image)
+                        first_calls[size] = time.perf_counter() - start
+                outputs, rounds = [], []
+                for _ in range(args.repeats):
+                    ours_s, stock_s = [], []
+                    for image in images:
+                        output, seconds = run(image)
+                        ours_s.append(seconds)
+                        if len(outputs) < len(images):
+                            outputs.append(output)
+                        stock_s.append(run_stock(stock, image))
+                    rounds.append(statistics.fmean(ours_s))
+                    stock_timing.seconds.append(statistics.fmean(stock_s))
+        except Exception as exc:  # a configuration that cannot run here (compile, convert): one line, then the rest
+            print(f"# {name}: failed, left out ({type(exc).__name__}: {one_line(exc)[:300]})", flush=True)
+            continue
         checks = [agreement(r, o, args.score_thresh) for r, o in zip(reference, outputs)]
         ious = sorted(iou for _, _, found in checks for iou in found)
-        agreements[name] = (sum(n for n, _, _ in checks), sum(d for _, d, _ in checks), ious)
-    return timings, stock_timing, agreements
-
-
-def time_onnx(path: str, images: list[torch.Tensor], repeats: int) -> Timing:
-    from train_utils.inference.exported import load_onnx_model
-
-    detector, _, _ = load_onnx_model(path)
-    detector([images[0]])
-    rounds = []
-    for _ in range(repeats):
-        seconds = []
-        for image in images:
-            start = time.perf_counter()
-            detector([image])
-            seconds.append(time.perf_counter() - start)
-        rounds.append(statistics.fmean(seconds))
-    return Timing("onnx", rounds)
+        agreed = (sum(n for n, _, _ in checks), sum(d for _, d, _ in checks), ious)
+        rows.append((name, Timing(name, rounds), agreed, segm_scores(outputs, coco, args.score_thresh), first_calls))
+        print(f"# {name}: {Timing(name, rounds).median:.3f} s/image, first calls {first_calls}", flush=True)
+    return rows, stock_timing
 
 
 def get_args_parser() -> ArgumentParser:
@@ -190,8 +293,30 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--threads", type=number_arg(int, low=1), default=None)
     parser.add_argument("--score-thresh", type=number_arg(float, 0.0, 1.0), default=0.5)
     parser.add_argument("--min-iou", type=number_arg(float, 0.0, 1.0), default=0.98)
-    parser.add_argument("--onnx", default=None, metavar="FILE", help="also time this exported model")
+    parser.add_argument("--onnx", default=None, metavar="FILE", help="also time this exported model (onnxruntime)")
+    parser.add_argument("--openvino", default=None, metavar="FILE",
+                        help="also time this model (.xml or .onnx) under OpenVINO in float32")
+    parser.add_argument("--openvino-static", action="store_true",
+                        help="with --openvino: also compiled once per input size")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the backbone and FPN")
+    parser.add_argument("--rpn-proposals", nargs="*", type=number_arg(int, low=1), default=[], metavar="N",
+                        help="also time these test-time RPN proposal counts (default 1000)")
     return parser
+
+
+def load_text() -> str:
+    return ", ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
+def backend_versions() -> str:
+    """The versions of the optional runtimes installed."""
+    import importlib.metadata
+
+    found = []
+    for package in ("onnxruntime", "openvino"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(f"{package} {importlib.metadata.version(package)}")
+    return ", ".join(found) or "no exported-model runtime"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,30 +324,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        images = load_images(args)
+        images, coco = load_images(args)
         ours, config = our_model(args)
     except DaCSegError as exc:
         print_error(exc, "bench_infer.py")
         return 2
     size = "x".join(map(str, images[0].shape[:0:-1]))
     weights = f"weights from {args.weights_path}" if args.weights_path else "untrained"
-    print(f"# bench_infer: {config.name} ({config.backbone}, {weights}), "
-          f"{len(images)} image(s) of {size}, min-size {config.min_size}, {args.detections} detections kept, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
-    timings, stock, agreements = time_levers(args, ours, config, images)
+    print(f"# bench_infer: {config.name} ({config.backbone}, {weights}), {len(images)} image(s) of {size}, "
+          f"min-size {config.min_size}, {args.detections} detections kept, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {backend_versions()}; load average {load_text()}", flush=True)
+    rows, stock = time_configurations(args, ours, config, images, coco)
     base = stock.median
     print(f"| ours | s/image | stock s/image | ours / stock | detections >= {args.score_thresh:g} differing "
-          f"| matched mask IoU: lowest, median | below {args.min_iou:g} |")
-    print("|---|---|---|---|---|---|---|")
-    for name, timing in timings.items():
-        count, differing, ious = agreements[name]
+          f"| matched mask IoU: lowest, median | below {args.min_iou:g} | segm AP, recall | first call s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, timing, (count, differing, ious), scores, first_calls in rows:
         low, median = (ious[0], statistics.median(ious)) if ious else (float("nan"), float("nan"))
         below = sum(iou < args.min_iou for iou in ious)
+        firsts = ", ".join(f"{size}: {seconds:.1f}" for size, seconds in first_calls.items())
         print(f"| {name} | {timing.median:.3f} | {base:.3f} | {timing.median / base:.2f} | {differing} of {count} | "
-              f"{low:.3f}, {median:.3f} | {below} |")
-    if args.onnx:
-        onnx = time_onnx(args.onnx, images, args.repeats)
-        print(f"| onnxruntime {args.onnx} | {onnx.median:.3f} | {base:.3f} | {onnx.median / base:.2f} | | |")
+              f"{low:.3f}, {median:.3f} | {below} | {scores} | {firsts} |")
+    print(f"# load average at the end: {load_text()}")
     return 0
 
 

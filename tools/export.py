@@ -2,10 +2,13 @@
 
     python tools/export.py --weights-path runs/dacseg/best.pth --format onnx --out dacseg.onnx
     python tools/export.py --weights-path best.pth --format onnx --out m.onnx --check-image slide.tif
+    python tools/export.py --weights-path best.pth --format openvino --out m.xml    # and m.bin beside it
 
 ``onnx``: an ONNX graph for onnxruntime (``pip install onnx onnxruntime``) with a dynamic image size; its metadata
 holds the label names and stain polarity, so ``predict.py --weights-path m.onnx`` runs it like a checkpoint (see
-``train_utils/inference/exported.py`` for the inputs and outputs). ``torch-export``: a ``torch.export`` program
+``train_utils/inference/exported.py`` for the inputs and outputs). ``openvino``: that ONNX graph converted to
+OpenVINO IR (``pip install openvino``; ``m.xml`` and its float32 weights ``m.bin``), which ``predict.py`` runs with
+OpenVINO in exact float32. ``torch-export``: a ``torch.export`` program
 (``.pt2``), where torch and torchvision can capture the model.
 
 Every export is checked at once: the exported model and the PyTorch model run on a real-size image (``--check-image``,
@@ -38,11 +41,11 @@ from tools.synth_metaphase import SynthConfig, image_seed, render_metaphase  # n
 from train_utils.cli import ArgumentParser, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from train_utils.inference.exported import CHECKPOINT_KEYS, INPUT_NAME, METADATA_KEY, load_onnx_model  # noqa: E402
-from train_utils.inference.exported import output_names  # noqa: E402
+from train_utils.inference.exported import OpenVinoDetector, output_names  # noqa: E402
 from train_utils.outputs.files import check_output_dir  # noqa: E402
 
-FORMATS = ("onnx", "torch-export")
-SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}
+FORMATS = ("onnx", "openvino", "torch-export")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torch-export": ".pt2"}
 BOX_TOLERANCE_PX = 0.05
 SCORE_TOLERANCE = 1e-3
 MASK_TOLERANCE = 1e-2  # mask probability; the 0.5-thresholded masks then agree but for a pixel or so per edge
@@ -76,6 +79,22 @@ def export_onnx(model: torch.nn.Module, config: ModelConfig, checkpoint: Mapping
     exported.metadata_props.add(key=METADATA_KEY, value=json.dumps(info))
     onnx.save(exported, str(path))
     return path
+
+
+def export_openvino(onnx_path: Path, out: Path) -> None:
+    """Convert the ONNX graph at ``onnx_path`` (``export_onnx``) to OpenVINO IR at ``out`` (``.xml``, weights in the
+    ``.bin`` beside it, kept float32) with the same metadata in its runtime info; one line when it fails."""
+    import onnx
+    import openvino
+
+    metadata = next(prop.value for prop in onnx.load(str(onnx_path), load_external_data=False).metadata_props
+                    if prop.key == METADATA_KEY)
+    try:
+        model = openvino.Core().read_model(str(onnx_path))
+        model.set_rt_info(metadata, [METADATA_KEY])
+        openvino.save_model(model, str(out), compress_to_fp16=False)
+    except Exception as exc:  # OpenVINO's own error types
+        raise UserError(f"OpenVINO cannot convert the exported graph: {one_line(exc)}") from None
 
 
 def check_image(path: str | None) -> torch.Tensor:
@@ -173,8 +192,10 @@ def check_out(out: Path, fmt: str) -> None:
     named ``.onnx`` (``predict.py`` knows exported models by it), or a place that cannot be written."""
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name the file to write, e.g. {out / ('model' + SUFFIXES[fmt])}")
-    if fmt == "onnx" and out.suffix.lower() != ".onnx":
-        raise UserError(f"--out {out}: name an ONNX model *.onnx (predict.py recognises exported models by it)")
+    if fmt in ("onnx", "openvino") and out.suffix.lower() != SUFFIXES[fmt]:
+        kind = {"onnx": "ONNX", "openvino": "OpenVINO"}[fmt]
+        raise UserError(f"--out {out}: name an {kind} model *{SUFFIXES[fmt]} (predict.py recognises exported models "
+                        "by it)")
     try:
         check_output_dir(out.parent, f"--out {out}: folder")
     except OSError as exc:
@@ -194,17 +215,25 @@ def export(weights_path: str, fmt: str, out: Path, image_path: str | None = None
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     tmp = out.with_name(out.name + ".tmp")
+    tmp_ir = out.with_name(out.stem + ".tmp.xml")  # OpenVINO names the weights after the .xml: .tmp.bin
     try:
-        if fmt == "onnx":
+        if fmt in ("onnx", "openvino"):
             export_onnx(model, config, checkpoint, image, tmp, opset)
-            detector, _, _ = load_onnx_model(tmp)
+            if fmt == "openvino":
+                export_openvino(tmp, tmp_ir)
+            detector = load_onnx_model(tmp)[0] if fmt == "onnx" else OpenVinoDetector(tmp_ir)
             run_exported: Callable[[torch.Tensor], Any] = lambda picture: detector([picture])[0]  # noqa: E731
         else:
             run_exported = export_torch(model, config, image, tmp)
         checks = check_export(model, run_exported, image)
-        os.replace(tmp, out)
+        if fmt == "openvino":
+            os.replace(tmp_ir.with_suffix(".bin"), out.with_suffix(".bin"))
+            os.replace(tmp_ir, out)
+        else:
+            os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        for path in (tmp, tmp_ir, tmp_ir.with_suffix(".bin")):
+            path.unlink(missing_ok=True)
     return checks
 
 
@@ -213,7 +242,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--weights-path", required=True, metavar="CKPT", help="checkpoint written by train.py")
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="what to export to (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="FILE",
-                        help="the exported model's file (*.onnx for --format onnx); an existing file is replaced")
+                        help="the exported model's file (*.onnx for --format onnx, *.xml for openvino); an existing "
+                             "file is replaced")
     parser.add_argument("--check-image", default=None, metavar="IMAGE",
                         help="image the export is checked on (default: a synthetic 768x576 spread)")
     parser.add_argument("--opset", type=number_arg(int, low=11), default=17, help="ONNX opset (default: %(default)s)")
@@ -225,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checks = export(args.weights_path, args.format, Path(args.out), args.check_image, args.opset)
     except (DaCSegError, ImportError) as exc:
-        print_error(exc if not isinstance(exc, ImportError) else f"{exc.name} is needed: pip install onnx onnxruntime")
+        print_error(exc if not isinstance(exc, ImportError) else f"{exc.name} is needed: pip install {exc.name}")
         return 2
     for check, size in zip(checks, ("the check image", f"{SECOND_SIZE[1]}x{SECOND_SIZE[0]}")):
         details = ", ".join(f"{k} {v:.2g}" for k, v in check.items() if k not in ("detections", "unmatched"))

@@ -404,7 +404,7 @@ def get_predict_parser() -> ArgumentParser:
                         help="image files, folders of images, or quoted globs (e.g. 'data/**/*.tif')")
     parser.add_argument("--weights-path", required=True, metavar="CKPT",
                         help="checkpoint written by train.py (model_<epoch>.pth or best.pth), or a model.onnx "
-                             "written by tools/export.py (run with onnxruntime on the CPU)")
+                             "(run with onnxruntime) or model.xml (OpenVINO) written by tools/export.py, on the CPU")
     parser.add_argument("--output-dir", default="predictions", metavar="DIR",
                         help="where the pictures and JSON files go (default: %(default)s)")
     parser.add_argument("--label-json-path", default=None, metavar="JSON",

@@ -46,7 +46,7 @@ from train_utils import stain
 from train_utils.cli import check_model_name, expand_inputs
 from train_utils.engine.checkpoint import load_model_from_checkpoint
 from train_utils.inference.detect import Speedups, apply_speedups, detect, prepare_model
-from train_utils.inference.exported import load_onnx_model
+from train_utils.inference.exported import is_exported, load_exported_model
 from train_utils.inference.tta import FlipTTA
 from train_utils.masks import as_box_masks
 from train_utils.outputs.crops import CROPS_JSON, crop_background, write_image_crops
@@ -309,14 +309,14 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device
-    if str(args.weights_path).lower().endswith(".onnx"):
+    if is_exported(args.weights_path):
         for flag, used in (("--save-overlap-maps", args.save_overlap_maps), ("--bf16", args.bf16),
                            ("--no-upscale", args.no_upscale)):
             if used:
                 raise UserError(f"{flag}: {args.weights_path} is an exported model, which runs as it was exported")
-        model, config, checkpoint = load_onnx_model(args.weights_path, args.threads)
+        model, config, checkpoint = load_exported_model(args.weights_path, args.threads)
         if torch.device(args.device).type != "cpu":
-            print(f"note: {args.weights_path} runs with onnxruntime on the CPU, not on {args.device}", file=sys.stderr)
+            print(f"note: {args.weights_path} runs with {model.backend} on the CPU, not on {args.device}", file=sys.stderr)
             device = "cpu"
     else:
         model, config, checkpoint = load_model_from_checkpoint(args.weights_path, device)
