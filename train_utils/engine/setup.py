@@ -6,6 +6,7 @@ it; ``bench/`` reuses the builders.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from train_utils import distributed, stain
 from train_utils.data import loaders
 from train_utils.data.samplers import train_batch_sampler
 from train_utils.distributed import DistInfo
-from train_utils.engine import schedule
+from train_utils.engine import loop, schedule
 from train_utils.engine.checkpoint import (
     checkpoint_label_map,
     config_from_checkpoint,
@@ -61,8 +62,8 @@ class RunInputs:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device, log: Log) -> tuple[RunConfig,
-                                                                                                     RunInputs]:
+def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
+                log: Log) -> tuple[RunConfig, RunInputs]:
     """The one place a run's settings are decided: the flags' automatic values (``--model``, ``--loss-weights`` and
     ``--min-overlap-area`` from the checkpoint on a resume, ``--seed``, ``--amp``, ``--accumulate-steps``, ``--lr``,
     ``--warmup-iters``), the labels and the stain polarity. Everything that can be wrong is refused here, before the
@@ -101,17 +102,17 @@ def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device, 
         optimizer, lr_schedule, optimization_notes = resolve_optimization(args, checkpoint, len(train_ds),
                                                                           info.world_size)
         notes += optimization_notes
-    on = device.type == "cuda" if args.amp is None else args.amp  # --amp: on for CUDA, off on the CPU by default
+    amp_on = loop.resolve_amp(args.amp, args.amp_dtype, device) is not None  # default: on for CUDA, off on the CPU
     data = DataSettings(root=Path(args.data_path), train_split=args.train_split, val_split=args.val_split,
                         augmentation=args.data_augmentation, invert_prob=args.invert_prob,
                         group_factor=args.aspect_ratio_group_factor, batch_size=args.batch_size, workers=args.workers,
                         labels=Labels.of(val_ds), stain=stain_settings)
     config = RunConfig(model=model, data=data, optimizer=optimizer, schedule=lr_schedule, output=output, seed=seed,
-                       amp_dtype=args.amp_dtype if on else None, start_epoch=start_epoch,
+                       amp_dtype=args.amp_dtype if amp_on else None, start_epoch=start_epoch,
                        world_size=info.world_size, resume=args.resume, pretrained=args.pretrained,
                        pretrained_backbone=args.pretrained_backbone, test_only=args.test_only, sync_bn=args.sync_bn,
                        score_thresh=args.score_thresh, mask_thresh=args.mask_thresh,
-                       flags=MappingProxyType(dict(vars(args))))
+                       flags=MappingProxyType(copy.deepcopy(vars(args))))
     return config, RunInputs(checkpoint, train_ds, val_ds, notes)
 
 
