@@ -30,6 +30,12 @@ from train_utils.engine.checkpoint import (
     model_from_checkpoint,
 )
 from train_utils.engine.distributed import DistInfo
+from train_utils.engine.pretrained import (
+    PretrainedRecord,
+    check_pretrained,
+    pretrained_polarity_note,
+    read_pretrained_record,
+)
 from train_utils.engine.samplers import train_batch_sampler
 from transforms import get_transform
 
@@ -123,8 +129,9 @@ def load_datasets(args: argparse.Namespace) -> tuple[ChromosomeDataset | None, C
 
 
 def build_run_model(args: argparse.Namespace, num_classes: int, checkpoint: dict[str, Any] | None,
-                    log) -> tuple[torch.nn.Module, ModelConfig]:
-    """The model (weights from the checkpoint, or ``--pretrained`` / ``--pretrained-backbone``) and its config."""
+                    log, pretrained_record: PretrainedRecord | None = None) -> tuple[torch.nn.Module, ModelConfig]:
+    """The model (weights from the checkpoint, or ``--pretrained`` / ``--pretrained-backbone``) and its config;
+    ``pretrained_record`` is the record of a DaCSeg checkpoint given to ``--pretrained``, checked against the model."""
     if checkpoint is not None:
         config = config_from_checkpoint(checkpoint, args.resume)
         if config.num_classes != num_classes:
@@ -136,6 +143,8 @@ def build_run_model(args: argparse.Namespace, num_classes: int, checkpoint: dict
     config = resolve_config(model_config_from_args(args, num_classes), pretrained=pretrained)
     model = build_model(config, pretrained_backbone=args.pretrained_backbone)
     if args.pretrained:
+        for line in check_pretrained(pretrained_record, config) if pretrained_record is not None else ():
+            log(line)
         log(str(load_detector_weights(model, args.pretrained)))
     return model, config
 
@@ -194,18 +203,24 @@ def prepare(args: argparse.Namespace, info: DistInfo, device: torch.device, log)
             dataset.check_images(show_progress=info.is_main)
     if checkpoint is not None:
         checkpoint_label_map(checkpoint, val_ds, args.resume)
+    pretrained = read_pretrained_record(args.pretrained) if checkpoint is None and args.pretrained else None
     seed_everything(args.seed, 0, info.rank)
-    model, config = build_run_model(args, val_ds.num_classes, checkpoint, log)
-    match_stain(args, info, checkpoint, train_ds, val_ds, log)
+    model, config = build_run_model(args, val_ds.num_classes, checkpoint, log, pretrained)
+    match_stain(args, info, checkpoint, train_ds, val_ds, log, pretrained)
     return checkpoint, start_epoch, train_ds, val_ds, model, config
 
 
 def match_stain(args: argparse.Namespace, info: DistInfo, checkpoint: dict[str, Any] | None,
-                train_ds: ChromosomeDataset | None, val_ds: ChromosomeDataset, log) -> None:
-    """Decide the model's stain polarity (the checkpoint's, else the training images' majority) and mark the images
-    that ``--stain`` inverts as they load; the polarity and the split go into ``args`` (``args.json``, checkpoints)."""
+                train_ds: ChromosomeDataset | None, val_ds: ChromosomeDataset, log,
+                pretrained: PretrainedRecord | None = None) -> None:
+    """Decide the model's stain polarity (the checkpoint's, else under ``--stain auto`` the ``--pretrained``
+    checkpoint's, else the training images' majority) and mark the images that ``--stain`` inverts as they load; the
+    polarity and the split go into ``args`` (``args.json``, checkpoints)."""
     saved = (checkpoint or {}).get("stain") or {}
     target = stain.checkpoint_polarity(checkpoint or {}, args.resume, args.stain, announce=False)
+    if target is None and pretrained is not None and args.stain == "auto" and pretrained.polarity is not None:
+        target = pretrained.polarity
+        log(f"stain: the model keeps the polarity of --pretrained {pretrained.source} ({target})")
     counts = saved.get("train_counts")
 
     def polarities(dataset: ChromosomeDataset) -> dict[int, str]:
@@ -218,6 +233,9 @@ def match_stain(args: argparse.Namespace, info: DistInfo, checkpoint: dict[str, 
         if target is None:
             target = majority if args.stain != "invert" else stain.POLARITIES[1 - stain.POLARITIES.index(majority)]
         train_ds.invert_ids = stain.images_to_invert(train_polarity, target, args.stain)
+        note = pretrained_polarity_note(pretrained, target, args.stain) if pretrained is not None else None
+        if note:
+            log(note)
         log(f"stain: {counts[stain.BRIGHT_ON_DARK]} bright-on-dark and {counts[stain.DARK_ON_BRIGHT]} dark-on-bright "
             f"training image(s); the model learns {target} (--stain {args.stain}: {len(train_ds.invert_ids)} "
             f"inverted as they load)")
