@@ -165,7 +165,7 @@ def report(out: Path, points: list[dict[str, Any]], pretrain_s: dict[str, float]
 
 
 def get_args_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             epilog="Other flags are train.py model flags for every training (python train.py --help).")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="runs, results and the PNG go here")
     parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA, metavar="DIR",

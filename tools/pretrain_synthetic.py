@@ -113,7 +113,7 @@ def pretrain(synth: Path, run: Path, epochs: int, train_flags: list[str]) -> Pat
 
 
 def get_args_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                             epilog="Other flags are train.py flags for both trainings (python train.py --help).")
     parser.add_argument("--data-path", type=Path, required=True, metavar="DIR",
                         help="the lab's dataset root (images/, annotations/instances_<split>.json)")
