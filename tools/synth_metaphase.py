@@ -72,6 +72,7 @@ class SynthConfig:
     aneuploidy_rate: float = 0.08
     nucleus_rate: float = 0.8
     min_overlap_area: float = MIN_OVERLAP_AREA
+    chromosome_scale: float = 1.0  # chromosome length and width relative to the default for the image size
 
 
 @dataclass
@@ -499,8 +500,8 @@ def render_metaphase(seed: np.random.SeedSequence, config: SynthConfig) -> tuple
     width, height = config.width, config.height
     scale = min(width / REFERENCE_SIZE[0], height / REFERENCE_SIZE[1])
     magnification = float(np.clip(rng.lognormal(0.0, 0.17), 0.72, 1.45))
-    chr1_length = 80.0 * magnification * scale
-    chrom_width = max(11.0 * magnification ** 0.8 * rng.uniform(0.85, 1.2) * scale, 3.0)
+    chr1_length = 80.0 * magnification * scale * config.chromosome_scale
+    chrom_width = max(11.0 * magnification ** 0.8 * rng.uniform(0.85, 1.2) * scale * config.chromosome_scale, 3.0)
     band_contrast = rng.uniform(0.55, 1.0)
     chromatid_rate = rng.uniform(0.0, 0.8)  # how many chromosomes show their two sister chromatids
     layout = _Layout(rng, width, height, gap=rng.uniform(1.0, 4.0) * scale, max_half_width=0.6 * chrom_width)
@@ -647,6 +648,9 @@ def get_args_parser() -> ArgumentParser:
                         help="chromosomes per cell before aneuploidy")
     parser.add_argument("--aneuploidy-rate", type=number_arg(float, 0.0, 1.0), default=SynthConfig.aneuploidy_rate,
                         help="fraction of cells with one chromosome more or less")
+    parser.add_argument("--chromosome-scale", type=number_arg(float, 0.2, 5.0), default=1.0, metavar="F",
+                        help="chromosome length and width times F (1: chromosome 1 is about 80 px long at 768x576, "
+                             "and scales with the image size)")
     parser.add_argument("--workers", type=number_arg(int, low=1), default=1,
                         help="processes; the output does not depend on it")
     return parser
@@ -659,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--split must be a plain name, got {args.split!r}")
     width, height = args.size
     config = SynthConfig(width=width, height=height, stain=args.stain, overlap_rate=args.overlap_rate,
-                         chromosomes=args.chromosomes, aneuploidy_rate=args.aneuploidy_rate)
+                         chromosomes=args.chromosomes, aneuploidy_rate=args.aneuploidy_rate,
+                         chromosome_scale=args.chromosome_scale)
     try:
         doc = generate(args.out, args.num_images, args.split, args.seed, config, args.workers)
     except DaCSegError as err:

@@ -44,6 +44,12 @@ from train_utils.engine.run_config import (
     StainSettings,
     model_config_from_args,
 )
+from train_utils.engine.pretrained import (
+    PretrainedRecord,
+    check_pretrained,
+    pretrained_polarity_note,
+    read_pretrained_record,
+)
 from train_utils.outputs.files import check_output_dir
 from train_utils.outputs.tensorboard import TENSORBOARD_DIR, check_log_dir
 from transforms import get_transform
@@ -60,6 +66,7 @@ class RunInputs:
     train_ds: ChromosomeDataset | None  # None with --test-only
     val_ds: ChromosomeDataset
     notes: list[str] = field(default_factory=list)
+    pretrained: PretrainedRecord | None = None  # the record of one of our checkpoints given to --pretrained
 
 
 def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
@@ -95,8 +102,10 @@ def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
         raise UserError(f"{args.resume} has {saved.num_classes} classes but the data has {val_ds.num_classes}")
     if args.sync_bn and info.distributed and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs (torch synchronises batch norm on CUDA devices only)")
-    stain_settings, stain_note = match_stain(args.stain, checkpoint, args.resume, train_ds, val_ds, info)
-    notes = [] if stain_note is None else [stain_note]
+    pretrained = read_pretrained_record(args.pretrained) if checkpoint is None and args.pretrained else None
+    if pretrained is not None:
+        check_pretrained(pretrained, model)  # another backbone is refused before the data is read further
+    stain_settings, notes = match_stain(args.stain, checkpoint, args.resume, train_ds, val_ds, info, pretrained)
     optimizer = lr_schedule = None
     if not args.test_only:
         optimizer, lr_schedule, optimization_notes = resolve_optimization(args, checkpoint, len(train_ds),
@@ -113,7 +122,7 @@ def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
                        pretrained_backbone=args.pretrained_backbone, test_only=args.test_only, sync_bn=args.sync_bn,
                        score_thresh=args.score_thresh, mask_thresh=args.mask_thresh,
                        flags=MappingProxyType(copy.deepcopy(vars(args))))
-    return config, RunInputs(checkpoint, train_ds, val_ds, notes)
+    return config, RunInputs(checkpoint, train_ds, val_ds, notes, pretrained)
 
 
 def output_settings(args: argparse.Namespace) -> OutputSettings:
@@ -245,13 +254,18 @@ def load_datasets(args: argparse.Namespace, min_overlap_area: float,
 
 
 def match_stain(mode: str, checkpoint: dict[str, Any] | None, resume: str | None, train_ds: ChromosomeDataset | None,
-                val_ds: ChromosomeDataset, info: DistInfo) -> tuple[StainSettings, str | None]:
-    """Decide the model's stain polarity (the checkpoint's, else the training images' majority) and mark the images
-    that ``--stain`` inverts as they load; returns the settings and, when training, the line that says so."""
+                val_ds: ChromosomeDataset, info: DistInfo,
+                pretrained: PretrainedRecord | None = None) -> tuple[StainSettings, list[str]]:
+    """Decide the model's stain polarity (the checkpoint's, else under ``--stain auto`` the ``--pretrained``
+    checkpoint's, else the training images' majority) and mark the images that ``--stain`` inverts as they load;
+    returns the settings and, when training, the lines that say so."""
     saved = (checkpoint or {}).get("stain") or {}
     target = stain.checkpoint_polarity(checkpoint or {}, resume, mode, announce=False)
     counts = saved.get("train_counts")
-    line = None
+    lines = []
+    if target is None and pretrained is not None and mode == "auto" and pretrained.polarity is not None:
+        target = pretrained.polarity
+        lines.append(f"stain: the model keeps the polarity of --pretrained {pretrained.source} ({target})")
 
     def polarities(dataset: ChromosomeDataset) -> dict[int, str]:
         found = stain.dataset_polarities(dataset, show_progress=info.is_main) if info.is_main else None
@@ -263,21 +277,27 @@ def match_stain(mode: str, checkpoint: dict[str, Any] | None, resume: str | None
         if target is None:
             target = majority if mode != "invert" else stain.POLARITIES[1 - stain.POLARITIES.index(majority)]
         train_ds.invert_ids = stain.images_to_invert(train_polarity, target, mode)
-        line = (f"stain: {counts[stain.BRIGHT_ON_DARK]} bright-on-dark and {counts[stain.DARK_ON_BRIGHT]} "
-                f"dark-on-bright training image(s); the model learns {target} (--stain {mode}: "
-                f"{len(train_ds.invert_ids)} inverted as they load)")
+        note = pretrained_polarity_note(pretrained, target, mode) if pretrained is not None else None
+        lines += [note] if note else []
+        lines.append(f"stain: {counts[stain.BRIGHT_ON_DARK]} bright-on-dark and {counts[stain.DARK_ON_BRIGHT]} "
+                     f"dark-on-bright training image(s); the model learns {target} (--stain {mode}: "
+                     f"{len(train_ds.invert_ids)} inverted as they load)")
     elif info.is_main:
         stain.checkpoint_polarity(checkpoint or {}, resume, mode)  # the note for an older checkpoint
     stain.match_dataset(val_ds, target, mode, find=polarities)
-    return StainSettings(mode=mode, polarity=target, train_counts=counts), line
+    return StainSettings(mode=mode, polarity=target, train_counts=counts), lines
 
 
-def build_run_model(config: RunConfig, checkpoint: dict[str, Any] | None, log: Log) -> torch.nn.Module:
+def build_run_model(config: RunConfig, checkpoint: dict[str, Any] | None, log: Log,
+                    pretrained: PretrainedRecord | None = None) -> torch.nn.Module:
     """The model (on the CPU): the checkpoint's weights, or ``--pretrained`` / ``--pretrained-backbone``, or
-    initialised from the seed's stream 0 (seed it first)."""
+    initialised from the seed's stream 0 (seed it first); ``pretrained`` is the record of one of our checkpoints
+    given to ``--pretrained``, reported against the model before its weights load."""
     if checkpoint is not None:
         return model_from_checkpoint(checkpoint, config.resume)[0]
     model = build_model(config.model, pretrained_backbone=config.pretrained_backbone)
+    for line in check_pretrained(pretrained, config.model) if pretrained is not None else ():
+        log(line)
     if config.pretrained:
         log(str(load_detector_weights(model, config.pretrained)))
     return model
