@@ -136,10 +136,10 @@ def mixed_set(root: Path, stains: list[str]) -> Path:
 def test_training_converts_the_minority_look(tmp_path, mode, inverted, model_look):
     root = mixed_set(tmp_path, ["qband", "qband", "qband", "gband"])
     train_ds, val_ds = ChromosomeDataset(root, "train"), ChromosomeDataset(root, "val")
-    settings, line = match_stain(mode, None, None, train_ds, val_ds, DistInfo())
+    settings, lines = match_stain(mode, None, None, train_ds, val_ds, DistInfo())
     assert train_ds.invert_ids == inverted
     assert settings.polarity == model_look and settings.train_counts == {BRIGHT_ON_DARK: 3, DARK_ON_BRIGHT: 1}
-    assert f"3 bright-on-dark and 1 dark-on-bright training image(s); the model learns {model_look}" in line
+    assert f"3 bright-on-dark and 1 dark-on-bright training image(s); the model learns {model_look}" in lines[-1]
     for index, image_id in enumerate(train_ds.ids):
         image, _ = train_ds[index]
         original = read_image(train_ds.image_path(index))
