@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class RunInputs:
     train_ds: ChromosomeDataset | None  # None with --test-only
     val_ds: ChromosomeDataset
     notes: list[str] = field(default_factory=list)
-    pretrained: PretrainedRecord | None = None  # the record of one of our checkpoints given to --pretrained
+    pretrained_lines: list[str] = field(default_factory=list)  # what a --pretrained checkpoint of ours is
 
 
 def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
@@ -103,8 +103,8 @@ def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
     if args.sync_bn and info.distributed and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs (torch synchronises batch norm on CUDA devices only)")
     pretrained = read_pretrained_record(args.pretrained) if checkpoint is None and args.pretrained else None
-    if pretrained is not None:
-        check_pretrained(pretrained, model)  # another backbone is refused before the data is read further
+    # another backbone is refused here; the lines are printed as the weights load
+    pretrained_lines = check_pretrained(pretrained, model) if pretrained is not None else []
     stain_settings, notes = match_stain(args.stain, checkpoint, args.resume, train_ds, val_ds, info, pretrained)
     optimizer = lr_schedule = None
     if not args.test_only:
@@ -122,7 +122,7 @@ def resolve_run(args: argparse.Namespace, info: DistInfo, device: torch.device,
                        pretrained_backbone=args.pretrained_backbone, test_only=args.test_only, sync_bn=args.sync_bn,
                        score_thresh=args.score_thresh, mask_thresh=args.mask_thresh,
                        flags=MappingProxyType(copy.deepcopy(vars(args))))
-    return config, RunInputs(checkpoint, train_ds, val_ds, notes, pretrained)
+    return config, RunInputs(checkpoint, train_ds, val_ds, notes, pretrained_lines)
 
 
 def output_settings(args: argparse.Namespace) -> OutputSettings:
@@ -289,14 +289,14 @@ def match_stain(mode: str, checkpoint: dict[str, Any] | None, resume: str | None
 
 
 def build_run_model(config: RunConfig, checkpoint: dict[str, Any] | None, log: Log,
-                    pretrained: PretrainedRecord | None = None) -> torch.nn.Module:
+                    pretrained_lines: Sequence[str] = ()) -> torch.nn.Module:
     """The model (on the CPU): the checkpoint's weights, or ``--pretrained`` / ``--pretrained-backbone``, or
-    initialised from the seed's stream 0 (seed it first); ``pretrained`` is the record of one of our checkpoints
-    given to ``--pretrained``, reported against the model before its weights load."""
+    initialised from the seed's stream 0 (seed it first); ``pretrained_lines`` (what a ``--pretrained`` checkpoint of
+    ours is, from ``resolve_run``) are printed before its weights load."""
     if checkpoint is not None:
         return model_from_checkpoint(checkpoint, config.resume)[0]
     model = build_model(config.model, pretrained_backbone=config.pretrained_backbone)
-    for line in check_pretrained(pretrained, config.model) if pretrained is not None else ():
+    for line in pretrained_lines:
         log(line)
     if config.pretrained:
         log(str(load_detector_weights(model, config.pretrained)))

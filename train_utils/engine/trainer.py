@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, info: DistInfo, device: torch.device) -> None:
 
     config, inputs = setup.resolve_run(args, info, device, log)
     setup.seed_everything(config.seed, 0, info.rank)
-    model = setup.build_run_model(config, inputs.checkpoint, log, inputs.pretrained).to(device)
+    model = setup.build_run_model(config, inputs.checkpoint, log, inputs.pretrained_lines).to(device)
     for note in inputs.notes:
         log(note)
     val_ds = inputs.val_ds
