@@ -15,7 +15,8 @@ from pycocotools.coco import COCO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_utils.evaluation.crossings import METRICS, CropScore, crop_scores, summarize  # noqa: E402
+from train_utils.evaluation.crossings import (  # noqa: E402
+    METRICS, CropScore, classifier_agreement, crop_scores, summarize)
 from train_utils.evaluation.stats import bootstrap_draws, paired_difference, seed_spread  # noqa: E402
 
 BASELINE = "maskrcnn"
@@ -87,7 +88,27 @@ def report(runs_dir: Path, draws: int = 1000) -> str:
             cells = [str(_difference(scored[name], scored[BASELINE], "crossing", m)) for m in DIFF_METRICS]
             cells.append(str(_difference(scored[name], scored[BASELINE], "control", "AP")))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + classifier_lines(coco, runs))
+
+
+def classifier_lines(coco: COCO, runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The table of the overlap classifier's agreement with the ground truth, for the variants that have one."""
+    agreement = {name: [classifier_agreement(coco, run["detections"]) for _, run in sorted(seeds.items())]
+                 for name, seeds in runs.items()}
+    agreement = {name: values for name, values in agreement.items()
+                 if values[0]["crossing_rois"] + values[0]["other_rois"]}
+    if not agreement:
+        return []
+    lines = ["", "Overlap classifier on the found chromosomes (detections scoring >= 0.5 matched at mask IoU 0.5; "
+             "right: score >= 0.5 on a crossing chromosome, < 0.5 on any other):", "",
+             "| variant | crossing RoIs | right on crossing | mean score | other RoIs | right on other | mean score |",
+             "|---" * 7 + "|"]
+    for name, values in agreement.items():
+        cells = [_cell([v[key] for v in values]) for key in ("crossing_acc", "crossing_mean_score")]
+        others = [_cell([v[key] for v in values]) for key in ("other_acc", "other_mean_score")]
+        lines.append(f"| {name} | {np.mean([v['crossing_rois'] for v in values]):.0f} | {' | '.join(cells)} | "
+                     f"{np.mean([v['other_rois'] for v in values]):.0f} | {' | '.join(others)} |")
+    return lines
 
 
 def _difference(a: dict[int, Scored], b: dict[int, Scored], kind: str, metric: str):

@@ -55,6 +55,23 @@ def test_identical_runs_are_not_resolved(crops, tmp_path):
     assert "not resolved" in row
 
 
+def test_report_tables_the_overlap_classifier_of_the_variants_that_have_one(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [True], "dacseg": [True]})
+    focus = [a for a in json.loads((crops / "annotations" / "instances_val.json").read_text())["annotations"]
+             if a["focus"]]  # the runs' detections: every one found
+    path = tmp_path / "runs" / "dacseg_seed0.json"
+    run = json.loads(path.read_text())
+    for d in run["detections"]:  # every chromosome said crossing: right on the crossing ones, wrong on the others
+        d["overlap_score"] = 0.9
+    path.write_text(json.dumps(run))
+    text = report(tmp_path / "runs", draws=50)
+    table = text[text.index("Overlap classifier"):].splitlines()
+    crossing = sum(a["overlapping"] for a in focus)
+    assert crossing == 2 and len(focus) == 3
+    assert "| dacseg | 2 | 1.000 | 0.900 | 1 | 0.000 | 0.900 |" in table
+    assert not any(line.startswith("| maskrcnn |") for line in table)  # no classifier: no row
+
+
 def test_picture_draws_ground_truth_and_both_models(crops, tmp_path):
     write_runs(crops, tmp_path / "runs", {"maskrcnn": [False], "dacseg": [True]})
     out = picture(tmp_path / "runs", crops, tmp_path / "x.png", count=6)

@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from tests.conftest import bar_polygon
 from tools.coco_layout import rle_from_mask
 from train_utils.evaluation.coco_eval import evaluate_results
-from train_utils.evaluation.crossings import crop_scores, summarize, summarize_by_kind
+from train_utils.evaluation.crossings import classifier_agreement, crop_scores, summarize, summarize_by_kind
 
 H = W = 100
 
@@ -121,3 +121,32 @@ def test_ap_equals_coco_eval_on_the_focus_instances():
     record = evaluate_results(coco, dets)
     assert ours["AP"] == pytest.approx(record["overlap_segm"]["AP"], abs=1e-9)
     assert ours["AP75"] == pytest.approx(record["overlap_segm"]["AP75"], abs=1e-9)
+
+
+def flagged_coco(instances: list[tuple[np.ndarray, bool]]) -> COCO:
+    """One crossing crop whose instances carry the ground truth's ``overlapping`` flag."""
+    coco = crops_coco([[(mask, True) for mask, _ in instances]], ["crossing"])
+    for ann, (_, overlapping) in zip(coco.dataset["annotations"], instances):
+        ann["overlapping"] = overlapping
+    return coco
+
+
+def test_classifier_agreement_counts_right_and_wrong_flags_on_matched_detections():
+    first, second, lone = (m for m, _ in x_crop())
+    coco = flagged_coco([(first, True), (second, True), (lone, False)])
+    dets = [dict(det(1, first, 0.9), overlap_score=0.8),  # crossing, said crossing: right
+            dict(det(1, second, 0.9), overlap_score=0.3),  # crossing, said not: wrong
+            dict(det(1, lone, 0.9), overlap_score=0.1),  # lone, said not: right
+            dict(det(1, lone, 0.4), overlap_score=0.9)]  # below the score threshold: not counted
+    got = classifier_agreement(coco, dets)
+    assert (got["crossing_rois"], got["other_rois"]) == (2, 1)
+    assert got["crossing_acc"] == 0.5 and got["other_acc"] == 1.0
+    assert got["crossing_mean_score"] == pytest.approx(0.55)
+
+
+def test_classifier_agreement_without_overlap_scores_is_nan():
+    first, second, lone = (m for m, _ in x_crop())
+    coco = flagged_coco([(first, True), (second, True), (lone, False)])
+    got = classifier_agreement(coco, [det(1, first, 0.9), det(1, lone, 0.9)])
+    assert got["crossing_rois"] == got["other_rois"] == 0
+    assert np.isnan(got["crossing_acc"]) and np.isnan(got["other_acc"])

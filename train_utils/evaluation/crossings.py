@@ -11,6 +11,9 @@ detection on one of them counts for nothing. From the matches:
 * ``recall50`` / ``recall75``: focus instances found by a detection scoring at least ``score_thresh``, at mask IoU
   0.5 / 0.75; ``mean_iou``: their mean mask IoU at the 0.5 match;
 * ``pairs50`` / ``pairs75``: the fraction of crossing pairs whose *both* chromosomes are found at IoU 0.5 / 0.75.
+
+``classifier_agreement`` says how often DaCSeg's overlap classifier is right on the found chromosomes, crossing or
+not (why a model separates pairs or fails to).
 """
 from __future__ import annotations
 
@@ -146,3 +149,38 @@ def summarize(crops: Sequence[CropScore]) -> dict[str, float]:
 def summarize_by_kind(crops: Sequence[CropScore]) -> dict[str, dict[str, float]]:
     """``summarize`` of the crossing crops and of the control crops."""
     return {kind: summarize([c for c in crops if c.kind == kind]) for kind in ("crossing", "control")}
+
+
+def classifier_agreement(coco_gt: COCO, detections: Iterable[Mapping[str, Any]], score_thresh: float = 0.5,
+                         overlap_thresh: float = 0.5) -> dict[str, float]:
+    """How often DaCSeg's overlap classifier is right, on the detections (scoring >= ``score_thresh``) that match an
+    instance at mask IoU 0.5: ``crossing_acc`` over those on crossing instances (``overlapping`` in the ground
+    truth; right when ``overlap_score >= overlap_thresh``), ``other_acc`` over the rest (right when below), with
+    their counts and mean overlap scores. Every instance of every crop counts, focus or not. Detections without an
+    ``overlap_score`` (a model without the classifier) give NaN."""
+    dets_by_key: dict[tuple[int, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for d in detections:
+        if d["score"] >= score_thresh:
+            dets_by_key[d["image_id"], d["category_id"]].append(d)
+    truth, said = [], []
+    for (image_id, category_id), dets in sorted(dets_by_key.items()):
+        gts = [a for a in coco_gt.imgToAnns.get(image_id, []) if a["category_id"] == category_id
+               and not a.get("iscrowd", 0)]
+        dets = sorted(dets, key=lambda d: -d["score"])
+        crowd = np.zeros(len(gts), dtype=bool)
+        matched, _ = match_detections(pairwise_iou(coco_gt, dets, gts, "segm", list(crowd)), crowd, 0.5)
+        for d, g in enumerate(matched):
+            if g >= 0 and "overlap_score" in dets[d]:
+                truth.append(bool(gts[g].get("overlapping", False)))
+                said.append(float(dets[d]["overlap_score"]))
+    truth_array, scores = np.array(truth, dtype=bool), np.array(said, dtype=np.float64)
+    crossing, other = scores[truth_array], scores[~truth_array]
+    nan = float("nan")
+    return {
+        "crossing_rois": int(crossing.size),
+        "crossing_acc": float((crossing >= overlap_thresh).mean()) if crossing.size else nan,
+        "crossing_mean_score": float(crossing.mean()) if crossing.size else nan,
+        "other_rois": int(other.size),
+        "other_acc": float((other < overlap_thresh).mean()) if other.size else nan,
+        "other_mean_score": float(other.mean()) if other.size else nan,
+    }
