@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_utils.evaluation.crossings import (  # noqa: E402
-    METRICS, CropScore, classifier_agreement, crop_scores, summarize)
+    METRICS, CropScore, classifier_agreement, crop_scores, focus_matches, summarize)
 from train_utils.evaluation.stats import bootstrap_draws, paired_difference, seed_spread  # noqa: E402
 
 BASELINE = "maskrcnn"
@@ -121,8 +121,10 @@ def _difference(a: dict[int, Scored], b: dict[int, Scored], kind: str, metric: s
 
 def picture(runs_dir: Path, crops_root: Path, out: Path, variants: Sequence[str] = (BASELINE, "dacseg"),
             seed: int = 0, count: int = 6, score_thresh: float = 0.5) -> Path:
-    """One PNG: ``count`` val crossing crops in rows, the ground truth then each variant's detections (seed
-    ``seed``, score >= ``score_thresh``); crossing instances / detections flagged overlapping are outlined."""
+    """One PNG: ``count`` val crossing crops in rows, the ground truth (crossing chromosomes outlined) then, for each
+    variant (seed ``seed``), the detections scoring >= ``score_thresh`` that find a focus instance at mask IoU 0.5,
+    matched as the scores match them, each captioned with its mask IoU; its title counts the focus instances found
+    and the pairs separated at 0.5 and 0.75 (duplicates and detections elsewhere are left out, and counted)."""
     import torch  # noqa: PLC0415
     from pycocotools import mask as mask_utils  # noqa: PLC0415
 
@@ -139,15 +141,22 @@ def picture(runs_dir: Path, crops_root: Path, out: Path, variants: Sequence[str]
         image = read_image(crops_root / "images" / img["file_name"])
         anns = coco.imgToAnns.get(img["id"], [])
         gt = torch.from_numpy(np.stack([coco.annToMask(a) for a in anns])) if anns else torch.zeros(0, *image.shape[1:])
+        focus = sum(bool(a.get("focus", True)) for a in anns)
         row = [draw_instances(image, gt.bool(), overlapping=torch.tensor([bool(a["overlapping"]) for a in anns]),
-                              title=f"ground truth: {img['source']}", min_side=320)]
+                              title=f"ground truth: {img['source']}, {focus} in focus", min_side=320)]
         for name in variants:
-            dets = [d for d in runs[name][seed]["detections"]
-                    if d["image_id"] == img["id"] and d["score"] >= score_thresh]
-            masks = torch.from_numpy(np.stack([mask_utils.decode(d["segmentation"]) for d in dets])) if dets \
-                else torch.zeros(0, *image.shape[1:], dtype=torch.uint8)
-            row.append(draw_instances(image, masks.bool(), title=f"{name} seed {seed}: {len(dets)} >= {score_thresh}",
-                                      min_side=320))
+            dets = [d for d in runs[name][seed]["detections"] if d["image_id"] == img["id"]]
+            matches = focus_matches(coco, img["id"], dets, score_thresh)
+            masks = torch.from_numpy(np.stack([mask_utils.decode(d["segmentation"]) for d, _, _ in matches])) \
+                if matches else torch.zeros(0, *image.shape[1:], dtype=torch.uint8)
+            iou = {g["id"]: value for _, g, value in matches}
+            pairs = [(iou.get(a, 0.0), iou.get(b, 0.0)) for a, b in img.get("pairs", [])]
+            separated = [sum(min(pair) >= t for pair in pairs) for t in (0.5, 0.75)]
+            kept = sum(d["score"] >= score_thresh for d in dets)
+            title = (f"{name} s{seed}: found {len(matches)}/{focus}, pairs {separated[0]}/{len(pairs)} at 0.5, "
+                     f"{separated[1]} at 0.75 ({kept - len(matches)} other dets)")
+            row.append(draw_instances(image, masks.bool(), captions=[f"{value:.2f}" for _, _, value in matches],
+                                      title=title, min_side=320))
         rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     compose(rows).save(out)

@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 from tests.conftest import bar_polygon
 from tools.coco_layout import rle_from_mask
 from train_utils.evaluation.coco_eval import evaluate_results
-from train_utils.evaluation.crossings import classifier_agreement, crop_scores, summarize, summarize_by_kind
+from train_utils.evaluation.crossings import (
+    classifier_agreement, crop_scores, focus_matches, summarize, summarize_by_kind)
 
 H = W = 100
 
@@ -150,3 +151,16 @@ def test_classifier_agreement_without_overlap_scores_is_nan():
     got = classifier_agreement(coco, [det(1, first, 0.9), det(1, lone, 0.9)])
     assert got["crossing_rois"] == got["other_rois"] == 0
     assert np.isnan(got["crossing_acc"]) and np.isnan(got["other_acc"])
+
+
+def test_focus_matches_pairs_each_found_focus_instance_with_its_detection():
+    first, second, lone = (m for m, _ in x_crop())
+    coco = crops_coco([x_crop()], ["crossing"])  # the lone bar is out of focus
+    rough = second.copy()
+    rough[:, :45] = 0
+    dets = [det(1, first, 0.9), det(1, rough, 0.8), det(1, lone, 0.9), det(1, first, 0.3)]
+    got = focus_matches(coco, 1, dets)
+    assert [g["id"] for _, g, _ in got] == [1, 2]  # not the lone bar (out of focus), not the 0.3 duplicate
+    assert got[0][0]["score"] == 0.9 and got[0][2] == pytest.approx(1.0)
+    assert 0.5 <= got[1][2] < 0.75
+    assert focus_matches(coco, 1, dets, iou_thresh=0.75) == got[:1]

@@ -184,3 +184,20 @@ def classifier_agreement(coco_gt: COCO, detections: Iterable[Mapping[str, Any]],
         "other_acc": float((other < overlap_thresh).mean()) if other.size else nan,
         "other_mean_score": float(other.mean()) if other.size else nan,
     }
+
+
+def focus_matches(coco_gt: COCO, image_id: int, detections: Iterable[Mapping[str, Any]], score_thresh: float = 0.5,
+                  iou_thresh: float = 0.5) -> list[tuple[Mapping[str, Any], dict, float]]:
+    """The crop's focus instances that a detection (scoring >= ``score_thresh``) finds at mask IoU ``iou_thresh``,
+    matched as ``crop_scores`` matches them: ``(detection, instance, mask IoU)`` in instance order."""
+    anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+    out = []
+    for category_id in sorted({a["category_id"] for a in anns}):
+        gts = [a for a in anns if a["category_id"] == category_id]
+        dets = sorted((d for d in detections if d["image_id"] == image_id and d["category_id"] == category_id
+                       and d["score"] >= score_thresh), key=lambda d: -d["score"])[:MAX_DETECTIONS]
+        crowd = np.array([not g.get("focus", True) for g in gts], dtype=bool)
+        ious = pairwise_iou(coco_gt, dets, gts, "segm", list(crowd))
+        matched, on_crowd = match_detections(ious, crowd, iou_thresh)
+        out += [(dets[d], gts[g], float(ious[d, g])) for d, g in enumerate(matched) if g >= 0 and not on_crowd[d]]
+    return sorted(out, key=lambda m: m[1]["id"])
