@@ -15,7 +15,9 @@ bootstrap over crops (``train_utils.evaluation.stats``).
 
 Variants: ``stock`` is torchvision's ``MaskRCNN`` on torchvision's ``resnet_fpn_backbone`` with the same backbone,
 anchors and sampling as ours; ``maskrcnn`` and ``dacseg`` are ours as ``train.py`` builds them; ``maskrcnn_mask14``
-(a 14x14 mask head) is the calibration: a model known to be worse at the mask's edge; the ``dacseg_*`` variants are
+(a 14x14 mask head) is the calibration: a model known to be worse at the mask's edge; ``maskrcnn_reseeded`` is the
+null calibration: ``maskrcnn`` trained from other seeds (seed + 100), paired as its seed, so that identical
+configurations show the interval that seed noise alone gives; the ``dacseg_*`` variants are
 ablations (see ``VARIANTS``). ``dacseg_shape`` adds the shape prior (``--shape-prior``) with a codebook built from the
 train split only: ``--shape-codebook PT``, or else one built once by ``tools/build_shape_codebook.py`` from the whole
 train images into ``OUT/shape_codebook.pt`` (kept, and reused by later runs into the same ``OUT``).
@@ -72,12 +74,15 @@ class Variant:
     loss_weights: tuple[tuple[str, float], ...] = ()
     mask_resolution: int = 28  # 14: the calibration's coarser mask head (RoIAlign 7x7)
     shape_prior: bool = False  # DaCSeg's shape prior, with the bench's train-split codebook
+    seed_offset: int = 0  # trained from seed + this (weights and batch order), scored and paired as seed
     note: str = ""
 
 
 VARIANTS = {
     "stock": Variant("stock", note="torchvision MaskRCNN + resnet_fpn_backbone, same settings"),
     "maskrcnn": Variant("maskrcnn", note="ours"),
+    "maskrcnn_reseeded": Variant("maskrcnn", seed_offset=100,
+                                 note="calibration: maskrcnn again from other seeds (seed + 100), paired as seed"),
     "maskrcnn_mask14": Variant("maskrcnn", mask_resolution=14, note="calibration: 14x14 mask head"),
     "dacseg": Variant("dacseg", (("overlap_cls_head", "conv"),), note="conv overlap classifier"),
     "dacseg_fc": Variant("dacseg", (("overlap_cls_head", "fc"),), note="fc overlap classifier (published)"),
@@ -199,21 +204,27 @@ def score_val(model: torch.nn.Module, val: ChromosomeDataset, workers: int) -> l
     return results
 
 
+def training_seed(variant: Variant, seed: int) -> int:
+    """The seed a run paired as ``seed`` is trained from: its initial weights, batch order and augmentation."""
+    return seed + variant.seed_offset
+
+
 def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path], workers: int,
                     save_dir: Path | None) -> Run:
     variant = VARIANTS[name]
     val = ChromosomeDataset(data["crops"], "val", transforms=get_transform("none", train=False))
     train = training_set(data["crops"], data["whole"], setting, data.get("synthetic"))
-    seed_everything(seed, 0, 0)
+    train_seed = training_seed(variant, seed)
+    seed_everything(train_seed, 0, 0)
     model = make_model(variant, setting, val.num_classes, data.get("codebook"))
-    loader = DataLoader(train, batch_sampler=SeededBatches(len(train), setting.batch_size, seed),
+    loader = DataLoader(train, batch_sampler=SeededBatches(len(train), setting.batch_size, train_seed),
                         num_workers=workers, collate_fn=collate_fn, persistent_workers=workers > 0)
     optimization = OptimizerSettings(lr=setting.lr)  # train.py's defaults but for the lr
     lr_schedule = ScheduleSettings(epochs=1, steps_per_epoch=setting.steps, warmup_iters=setting.warmup_iters)
     optimizer = make_optimizer(model, optimization)
     lr_scheduler = schedule.make_schedule(optimizer, lr_schedule)
     run = Run(name, seed, dataclasses.asdict(setting))
-    seed_everything(seed, 1, 0)
+    seed_everything(train_seed, 1, 0)
     stops = [round(setting.steps * (k + 1) / setting.evals) for k in range(setting.evals)]
     steps = Steps(loader, 0)
     done = 0

@@ -2,6 +2,7 @@
 tables and intervals on hand-made runs, the picture."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,3 +111,10 @@ def test_seeded_batches_depend_on_seed_and_pass_only():
     b.set_epoch(1)
     assert [t.tolist() for t in a] != [t.tolist() for t in b]
     assert sorted(np.concatenate([t.numpy() for t in a]).tolist()) == list(range(10))
+
+
+def test_the_null_calibration_trains_ours_from_other_seeds_paired_as_its_own():
+    again, ours = bench.VARIANTS["maskrcnn_reseeded"], bench.VARIANTS["maskrcnn"]
+    assert dataclasses.replace(again, seed_offset=0, note="") == dataclasses.replace(ours, note="")  # same config
+    assert [bench.training_seed(again, s) for s in (0, 1, 2)] == [100, 101, 102]
+    assert [bench.training_seed(ours, s) for s in (0, 1, 2)] == [0, 1, 2]
