@@ -19,6 +19,9 @@ What ``predict_files`` writes into the output folder:
 ``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
 front (``a__img``, ``b__img``) and, for one folder, the suffix behind (``img_png``, ``img_tif``), so no output
 overwrites another.
+
+The files are written on one thread, in image order, while the next image is predicted; an image's files are
+complete once its line is printed.
 """
 from __future__ import annotations
 
