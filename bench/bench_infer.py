@@ -5,6 +5,7 @@
     python bench/bench_infer.py --model dacseg --onnx d.onnx       # also time an exported model
     python bench/bench_infer.py --weights-path best.pth --levers channels_last --compile --rpn-proposals 500 300 \
         --onnx m.onnx --openvino m.xml --openvino-static
+    python bench/bench_infer.py --weights-path best.pth --folder 100              # a folder end to end instead
 
 Ours runs ``train_utils.jobs.predict.predict_image`` (``inference.detect``: bounded pasting, masks thresholded), with
 each set of levers in ``--levers``; stock runs ``torchvision.models.detection.maskrcnn_resnet50_fpn``'s own forward
@@ -28,13 +29,24 @@ exported model under onnxruntime, with onnxruntime's own session options and wit
 ``inference.exported.OrtOptions``); ``--openvino FILE`` (an ``.xml`` from ``tools/export.py --format openvino``, or
 the ``.onnx`` itself) compiled in float32 for any size, and with ``--openvino-static`` also once per input size. An
 exported graph keeps the checkpoint's own detection limit, not ``--detections``. A configuration that fails (a
-compilation, a conversion) prints one line and the run goes on without it. The load average is printed at the start
-and the end. Run by hand, on an otherwise idle machine; never from CI or pytest.
+compilation, a conversion) prints one line and the run goes on without it.
+
+``--folder N`` measures a whole folder instead: N image files (the inputs repeated, copied into a temporary folder)
+go end to end (reading, inference, overlay PNG, COCO JSON; crops and exports off) through ``predict_files`` with
+``predict.py``'s CPU defaults (channels-last, the next image read and the last one's files written on threads while
+one is predicted), and through the plain loop over stock: ``torchvision.io.read_image``, the stock forward, an
+overlay by ``draw_segmentation_masks`` and ``draw_bounding_boxes`` saved as PNG, and one JSON of results with
+pycocotools RLE. Both keep at most ``--detections`` detections scoring at least ``--score-thresh``. After one
+untimed image each, the two alternate for ``--repeats`` rounds; each prints the median images/s by the wall clock
+and the detections it wrote, then the ratio ours / stock. The load average is printed at the start and the end.
+Run by hand, on an otherwise idle machine; never from CI or pytest.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torchvision
 
@@ -57,7 +70,7 @@ from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E4
 from train_utils.evaluation.coco_eval import evaluate_results  # noqa: E402
 from train_utils.inference.detect import LEVERS, Speedups, apply_speedups, prepare_model  # noqa: E402
 from train_utils.inference.exported import OnnxDetector, OpenVinoDetector, OrtOptions  # noqa: E402
-from train_utils.jobs.predict import predict_image  # noqa: E402
+from train_utils.jobs.predict import PredictOptions, label_maps, predict_files, predict_image  # noqa: E402
 from train_utils.outputs.predictions import outputs_to_coco_results  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bioimlab"
@@ -76,11 +89,12 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def load_images(args) -> tuple[list[torch.Tensor], Any]:
-    """``--images`` inputs, or the first ``--num-images`` BioImLab val images (converted into a temporary folder)
-    with their ground truth (a pycocotools ``COCO``; None for ``--images``)."""
+def load_images(args) -> tuple[list[Path], list[torch.Tensor], Any]:
+    """``--images`` inputs, or the first ``--num-images`` BioImLab val images (converted into a temporary folder):
+    their files, the images, and their ground truth (a pycocotools ``COCO``; None for ``--images``)."""
     if args.images:
-        return [read_image(p) for p in expand_inputs(args.images)[:args.num_images]], None
+        paths = expand_inputs(args.images)[:args.num_images]
+        return paths, [read_image(p) for p in paths], None
     from pycocotools.coco import COCO
 
     work = Path(tempfile.mkdtemp(prefix="bench_infer_"))
@@ -89,7 +103,8 @@ def load_images(args) -> tuple[list[torch.Tensor], Any]:
         coco = COCO(str(work / "annotations" / "instances_val.json"))
     infos = sorted(coco.dataset["images"], key=lambda info: info["file_name"])[:args.num_images]
     coco.bench_ids = [info["id"] for info in infos]
-    return [read_image(work / "images" / info["file_name"]) for info in infos], coco
+    paths = [work / "images" / info["file_name"] for info in infos]
+    return paths, [read_image(p) for p in paths], coco
 
 
 def our_model(args) -> tuple[torch.nn.Module, ModelConfig]:
@@ -119,9 +134,9 @@ def stock_model(ours: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
     return stock.eval()
 
 
-def keep_detections(model: torch.nn.Module, count: int) -> None:
+def keep_detections(model: torch.nn.Module, count: int, score_thresh: float = 0.0) -> None:
     heads = model.roi_heads
-    heads.score_thresh, heads.detections_per_img = 0.0, count
+    heads.score_thresh, heads.detections_per_img = score_thresh, count
 
 
 def run_stock(model: torch.nn.Module, image: torch.Tensor) -> float:
@@ -276,6 +291,71 @@ def time_configurations(args, ours, config, images, coco) -> tuple[list[tuple], 
     return rows, stock_timing
 
 
+def stock_folder(model: torch.nn.Module, files: list[Path], out_dir: Path) -> int:
+    """The plain loop over stock torchvision for ``--folder``: read, forward, overlay PNG, then the results as COCO
+    JSON with pycocotools RLE; returns the number of detections written."""
+    from pycocotools import mask as mask_util
+
+    out_dir.mkdir()
+    results = []
+    for image_id, path in enumerate(files, start=1):
+        image = torchvision.io.read_image(str(path), torchvision.io.ImageReadMode.RGB)
+        with torch.inference_mode():
+            output = model([image.float() / 255])[0]
+        masks = output["masks"][:, 0] > 0.5
+        scores = output["scores"].tolist()
+        picture = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5)
+        picture = torchvision.utils.draw_bounding_boxes(picture, output["boxes"], [f"{s:.2f}" for s in scores])
+        torchvision.transforms.functional.to_pil_image(picture).save(out_dir / f"{path.stem}_pred.png")
+        rles = mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+        for (x0, y0, x1, y1), label, score, rle in zip(output["boxes"].tolist(), output["labels"].tolist(), scores,
+                                                       rles):
+            results.append({"image_id": image_id, "category_id": label, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "score": score, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    (out_dir / "predictions.json").write_text(json.dumps(results))
+    return len(results)
+
+
+def our_folder(model: torch.nn.Module, config: ModelConfig, files: list[Path], out_dir: Path) -> int:
+    """``predict_files`` for ``--folder`` (its per-image lines silenced); returns the number of detections written."""
+    names, to_cat = label_maps({}, config)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return predict_files(model, files, out_dir, names, to_cat, "cpu", PredictOptions()).num_detections
+
+
+def folder_throughput(args, ours: torch.nn.Module, config: ModelConfig, paths: list[Path]) -> None:
+    """``--folder N``: images/s of ``predict_files`` and of the stock loop over the same N files, alternated."""
+    stock = stock_model(ours, config)
+    for model in (ours, stock):
+        keep_detections(model, args.detections, args.score_thresh)
+    apply_speedups(ours, Speedups(channels_last=True))  # predict.py's default on the CPU
+    runs = {"ours (predict_files)": lambda files, out: our_folder(ours, config, files, out),
+            "stock loop": lambda files, out: stock_folder(stock, files, out)}
+    with tempfile.TemporaryDirectory(prefix="bench_folder_") as tmp:
+        work = Path(tmp)
+        (work / "in").mkdir()
+        files = [work / "in" / f"{k:04d}_{paths[k % len(paths)].name}" for k in range(args.folder)]
+        for k, file in enumerate(files):
+            shutil.copyfile(paths[k % len(paths)], file)
+        for name, run in runs.items():  # one untimed image each
+            run(files[:1], work / "warm")
+            shutil.rmtree(work / "warm")
+        rates: dict[str, list[float]] = {name: [] for name in runs}
+        found: dict[str, int] = {}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                found[name] = run(files, work / "out")
+                rates[name].append(len(files) / (time.perf_counter() - start))
+                shutil.rmtree(work / "out")
+    print(f"| folder of {args.folder} images | images/s | detections written |")
+    print("|---|---|---|")
+    for name in runs:
+        print(f"| {name} | {statistics.median(rates[name]):.3f} | {found[name]} |")
+    ours_rate, stock_rate = (statistics.median(rates[name]) for name in runs)
+    print(f"# ours / stock: {ours_rate / stock_rate:.2f}x images/s")
+
+
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights-path", default=None, help="a trained checkpoint (default: untrained weights)")
@@ -301,6 +381,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the backbone and FPN")
     parser.add_argument("--rpn-proposals", nargs="*", type=number_arg(int, low=1), default=[], metavar="N",
                         help="also time these test-time RPN proposal counts (default 1000)")
+    parser.add_argument("--folder", type=number_arg(int, low=1), default=None, metavar="N",
+                        help="instead: N image files end to end, predict_files against a stock loop (images/s)")
     return parser
 
 
@@ -324,16 +406,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        images, coco = load_images(args)
+        paths, images, coco = load_images(args)
         ours, config = our_model(args)
     except DaCSegError as exc:
         print_error(exc, "bench_infer.py")
         return 2
     size = "x".join(map(str, images[0].shape[:0:-1]))
     weights = f"weights from {args.weights_path}" if args.weights_path else "untrained"
+    kept = f"<= {args.detections} detections scoring >= {args.score_thresh:g}" if args.folder else \
+        f"{args.detections} detections kept"
     print(f"# bench_infer: {config.name} ({config.backbone}, {weights}), {len(images)} image(s) of {size}, "
-          f"min-size {config.min_size}, {args.detections} detections kept, {torch.get_num_threads()} threads, "
+          f"min-size {config.min_size}, {kept}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {backend_versions()}; load average {load_text()}", flush=True)
+    if args.folder:
+        folder_throughput(args, ours, config, paths)
+        print(f"# load average at the end: {load_text()}")
+        return 0
     rows, stock = time_configurations(args, ours, config, images, coco)
     base = stock.median
     print(f"| ours | s/image | stock s/image | ours / stock | detections >= {args.score_thresh:g} differing "

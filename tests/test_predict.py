@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +223,7 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_a_large_image_with_many_detections_never_holds_a_mask_per_detection_at_its_size(tmp_path):
+def test_a_large_image_with_many_detections_never_holds_a_mask_per_detection_at_its_size(tmp_path, monkeypatch):
     """100 detections on a 3000x3000 image: from the mask head through the overlay, predictions.json, the crops
     and the labelme outlines, no tensor holds more than the RGB image's 3 x H x W values (pasting every mask at the
     image's size took [100, 1, H, W])."""
@@ -239,11 +240,19 @@ def test_a_large_image_with_many_detections_never_holds_a_mask_per_detection_at_
     model.roi_heads.forward = lambda features, proposals, image_shapes, targets=None: ([dict(found)], {})
     Image.new("L", (size, size), 40).save(tmp_path / "slide.png")
     options = PredictOptions(crops=CropOptions(tmp_path / "crops"), export=("labelme",))
+    written, write = LargestTensor(), jobs_predict._Outputs.add  # the writer thread's (torch modes are per thread)
+
+    def watched_write(*args):
+        with written:
+            write(*args)
+
+    monkeypatch.setattr(jobs_predict._Outputs, "add", watched_write)
     with LargestTensor() as largest:
         summary = predict_files(model, [tmp_path / "slide.png"], tmp_path / "out", {1: "chromosome"}, {1: 1},
                                 options=options)
     assert summary.num_detections == count and not summary.failed
     assert 3 * size * size <= largest.numel < 4 * size * size  # the image itself (as floats, as RGB bytes); no more
+    assert 3 * size * size <= written.numel < 4 * size * size  # the overlay's RGB bytes; no more
     results = read_lines_json(tmp_path / "out" / "predictions.json")
     assert len(results) == count and results[0]["segmentation"]["size"] == [size, size]
     assert len(json.loads((tmp_path / "out" / "labelme" / "slide.json").read_text())["shapes"]) == count
@@ -269,6 +278,50 @@ def test_a_run_stopped_half_way_keeps_the_images_done(tiny_coco, maskrcnn_ckpt, 
     assert [i["id"] for i in index["images"]] == [1] and (out / f"{index['images'][0]['stem']}_pred.png").is_file()
     results = read_lines_json(out / "predictions.json")
     assert results and {r["image_id"] for r in results} == {1}
+
+
+def test_the_files_of_an_image_are_written_while_the_next_is_predicted(tiny_coco, maskrcnn_ckpt, tmp_path,
+                                                                        monkeypatch):
+    real_predict, real_overlay = jobs_predict.predict_image, jobs_predict.overlay
+    second_predicting, predicted, drawn_after_waiting = threading.Event(), [], []
+
+    def predict(*args, **kwargs):
+        predicted.append(1)
+        if len(predicted) == 2:
+            second_predicting.set()
+        return real_predict(*args, **kwargs)
+
+    def draw(*args, **kwargs):
+        if not drawn_after_waiting:  # image 1's picture waits for image 2's inference to begin (5 s at most)
+            drawn_after_waiting.append(second_predicting.wait(timeout=5))
+        return real_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(jobs_predict, "predict_image", predict)
+    monkeypatch.setattr(jobs_predict, "overlay", draw)
+    out = tmp_path / "pred"
+    assert run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_*.png") == 0
+    assert drawn_after_waiting == [True]  # image 2 was being predicted while image 1 was drawn
+    index = json.loads((out / "images.json").read_text())
+    assert [i["id"] for i in index["images"]] == [1, 2] and (out / "val_001_pred.png").is_file()
+
+
+@pytest.mark.parametrize("failing", [1, 2])  # 1: raised when image 2's files are handed over; 2 (the last): at the end
+def test_a_write_that_fails_stops_the_run_with_its_error(tiny_coco, maskrcnn_ckpt, tmp_path, monkeypatch, failing):
+    real_overlay, drawn = jobs_predict.overlay, []
+
+    def draw(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == failing:
+            raise OSError(28, "No space left on device")
+        return real_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(jobs_predict, "overlay", draw)
+    out = tmp_path / "pred"
+    with pytest.raises(OSError, match="No space left on device"):
+        run(maskrcnn_ckpt, out, tiny_coco / "images" / "val_*.png")
+    index = json.loads((out / "images.json").read_text())
+    assert [i["id"] for i in index["images"]] == list(range(1, failing)) and index["failed"] == []
+    assert {r["image_id"] for r in read_lines_json(out / "predictions.json")} == set(range(1, failing))
 
 
 # ---------------------------------------------------------------------------------------------------------------

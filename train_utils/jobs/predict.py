@@ -19,6 +19,9 @@ What ``predict_files`` writes into the output folder:
 ``<stem>`` is the file name without suffix; when inputs share a stem, the folders that tell them apart are put in
 front (``a__img``, ``b__img``) and, for one folder, the suffix behind (``img_png``, ``img_tif``), so no output
 overwrites another.
+
+The files are written on one thread, in image order, while the next image is predicted; an image's files are
+complete once its line is printed.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -214,10 +218,10 @@ def _read_ahead(paths: Sequence[Path]) -> Iterator[tuple[Path, Future]]:
             yield path, current
 
 
-def _predict_one(model, path: Path, image: torch.Tensor, image_id: int, stem: str, device, output_dir: Path,
-                 label_names, options: PredictOptions) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """Predict one image (the model sees it in the checkpoint's polarity) and draw its pictures on the image as it
-    is; returns (its ``images.json`` entry, the output, the counts caption)."""
+def _predict_one(model, path: Path, image: torch.Tensor, image_id: int, stem: str, device,
+                 options: PredictOptions) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """Predict one image (the model sees it in the checkpoint's polarity); returns (its ``images.json`` entry, the
+    output, the counts caption)."""
     polarity = stain.detect_polarity(image)
     inverted = stain.needs_inversion(polarity, options.model_polarity, options.stain_mode)
     output, seconds = predict_image(model, stain.invert(image) if inverted else image, device, options.mask_thresh)
@@ -227,15 +231,107 @@ def _predict_one(model, path: Path, image: torch.Tensor, image_id: int, stem: st
     counts = f"{num} detection{'s' if num != 1 else ''}"
     counts += f", {num_overlapping} overlapping" if overlapping is not None else ""
     counts += " (inverted for the model)" if inverted else ""
-    overlay(image, output, label_names, options.overlap_thresh, f"{path.name}: {counts}", options.mask_thresh,
-            options.overlay_labels).save(output_dir / f"{stem}_pred.png")
-    if options.save_overlap_maps:
-        for key, grey in overlap_map_images(output).items():
-            grey.save(output_dir / f"{stem}_{key}.png")
     entry = {"id": image_id, "file_name": str(path.resolve()), "width": int(image.shape[-1]),
              "height": int(image.shape[-2]), "stem": stem, "num_detections": num, "num_overlapping": num_overlapping,
              "inference_ms": round(seconds * 1000, 1), "polarity": polarity, "inverted": inverted}
     return entry, output, counts
+
+
+def _skip_reason(exc: BaseException, path: Path) -> str | None:
+    """Why an image is skipped: it could not be read, or not handled in the memory there is; None for an error that
+    must stop the run."""
+    if isinstance(exc, DatasetError):
+        return str(exc)
+    if is_out_of_memory(exc):
+        return "not enough memory to predict this {}x{} image ({})".format(*image_size(path), one_line(exc))
+    return None
+
+
+class _Outputs:
+    """The files and rows ``predict_files`` writes, image by image, in image order (on its writer thread)."""
+
+    def __init__(self, output_dir: Path, crops_dir: Path | None, label_names: Mapping[int, str],
+                 label_to_cat_id: Mapping[int, int], options: PredictOptions) -> None:
+        self.output_dir, self.crops_dir, self.options = output_dir, crops_dir, options
+        self.label_names, self.label_to_cat_id = label_names, label_to_cat_id
+        self.summary, self.crop_entries = PredictionSummary(), []
+        self.index = ImagesIndex(output_dir / IMAGES_JSON, label_names, label_to_cat_id)
+        self.table = SummaryCsv(output_dir / SUMMARY_CSV, options.review_below, options.expected_count)
+        self.exporter = Exporter(output_dir, options.export, label_names, label_to_cat_id) if options.export else None
+        self.predictions = PredictionsWriter(output_dir / PREDICTIONS_JSON)
+
+    def add(self, path: Path, stem: str, image: torch.Tensor, entry: dict[str, Any], output: dict[str, torch.Tensor],
+            counts: str) -> None:
+        """Write one predicted image's pictures, results, outlines and crops, record it and print its line (or skip
+        it, when drawing it runs out of memory)."""
+        try:
+            self._write_files(path, stem, image, entry, output, counts)
+        except (DatasetError, RuntimeError, MemoryError) as exc:
+            reason = _skip_reason(exc, path)
+            if reason is None:
+                raise
+            self.fail(entry["id"], path, stem, reason)
+            return
+        self.index.add(entry)
+        self.table.add(entry, output["scores"].float().tolist(),
+                       entry["num_overlapping"] if "overlap_scores" in output else None)
+        self.summary.num_detections += entry["num_detections"]
+        self.summary.seconds += entry["inference_ms"] / 1000
+        tqdm.write(f"{path}: {counts}, {entry['inference_ms']:.0f} ms -> {stem}_pred.png")
+
+    def fail(self, image_id: int, path: Path, stem: str, reason: str) -> None:
+        """Record a skipped image and warn on stderr."""
+        self.index.fail(image_id, path, reason)
+        self.table.fail(image_id, path, stem, reason)
+        tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.predictions.close()
+
+    def _write_files(self, path: Path, stem: str, image: torch.Tensor, entry: dict[str, Any],
+                     output: dict[str, torch.Tensor], counts: str) -> None:
+        options, image_id = self.options, entry["id"]
+        overlay(image, output, self.label_names, options.overlap_thresh, f"{path.name}: {counts}", options.mask_thresh,
+                options.overlay_labels).save(self.output_dir / f"{stem}_pred.png")
+        if options.save_overlap_maps:
+            for key, grey in overlap_map_images(output).items():
+                grey.save(self.output_dir / f"{stem}_{key}.png")
+        self.predictions.add(outputs_to_coco_results([output], [image_id], self.label_to_cat_id))
+        if self.exporter is not None:
+            self.exporter.add(ExportImage(path, stem, image_id, entry["width"], entry["height"]),
+                              detection_outlines(output, self.label_names, self.label_to_cat_id, options.review_below,
+                                                 options.overlap_thresh, options.mask_thresh))
+        if self.crops_dir is not None:
+            background = crop_background(options.crops.background, entry["polarity"])
+            self.crop_entries += write_image_crops(image, output, image_id, path, stem, self.crops_dir, background,
+                                                   options.crops.margin, options.crops.height)
+            write_text_atomic(self.crops_dir / CROPS_JSON, json_list_text(self.crop_entries))
+
+
+def _predict_or_skip(model, path: Path, reading: Future, image_id: int, stem: str, device,
+                     outputs: _Outputs) -> Callable[[], None]:
+    """Predict one image; returns what the writer thread is to do for it: write its files, or record it as skipped
+    (unreadable, or too large for the memory)."""
+    try:
+        image = reading.result()
+        entry, output, counts = _predict_one(model, path, image, image_id, stem, device, outputs.options)
+        return partial(outputs.add, path, stem, image, entry, output, counts)
+    except (DatasetError, RuntimeError, MemoryError) as exc:
+        reason = _skip_reason(exc, path)
+        if reason is None:
+            raise
+        return partial(outputs.fail, image_id, path, stem, reason)
+    finally:
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the next image must not wait for this one's memory
+
+
+def _write_after(writer: ThreadPoolExecutor, previous: Future | None, write: Callable[[], None]) -> Future:
+    """Submit ``write`` once the previous image's write is done (its error is raised here), so at most one image
+    waits to be written."""
+    if previous is not None:
+        previous.result()
+    return writer.submit(write)
 
 
 def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str | os.PathLike,
@@ -243,8 +339,10 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
                   options: PredictOptions | None = None) -> PredictionSummary:
     """Predict every image, write the files listed in the module docstring and print one line per image.
 
-    The model returns the detections to keep (``prepare_model`` sets its score threshold). An unreadable image, or
-    one too large for the memory, is reported on stderr and skipped (listed under ``failed``); the others go on.
+    The model returns the detections to keep (``prepare_model`` sets its score threshold). The next image is read
+    while one is predicted, and an image's files are written on one writer thread, in image order, while the next is
+    predicted; an error in writing stops the run. An unreadable image, or one too large for the memory, is reported
+    on stderr and skipped (listed under ``failed``); the others go on.
     """
     options = options or PredictOptions()
     try:
@@ -254,49 +352,17 @@ def predict_files(model: torch.nn.Module, paths: Sequence[Path], output_dir: str
         crops_dir = prepare_output_dir(options.crops.folder, "--crops") if options.crops else None
     except OSError as exc:
         raise UserError(str(exc)) from None
-    summary, crop_entries = PredictionSummary(), []
-    index = ImagesIndex(output_dir / IMAGES_JSON, label_names, label_to_cat_id)
-    table = SummaryCsv(output_dir / SUMMARY_CSV, options.review_below, options.expected_count)
-    exporter = Exporter(output_dir, options.export, label_names, label_to_cat_id) if options.export else None
-    with contextlib.closing(PredictionsWriter(output_dir / PREDICTIONS_JSON)) as predictions:
-        stems = output_stems(paths)
+    outputs = _Outputs(output_dir, crops_dir, label_names, label_to_cat_id, options)
+    with contextlib.closing(outputs), ThreadPoolExecutor(max_workers=1) as writer:
         progress = tqdm(_read_ahead(paths), total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr)
-        for image_id, ((path, reading), stem) in enumerate(zip(progress, stems), start=1):
-            try:
-                image = reading.result()
-                entry, output, counts = _predict_one(model, path, image, image_id, stem, device, output_dir,
-                                                     label_names, options)
-                predictions.add(outputs_to_coco_results([output], [image_id], label_to_cat_id))
-                scores = output["scores"].float().tolist()
-                overlapping = entry["num_overlapping"] if "overlap_scores" in output else None
-                if exporter is not None:
-                    exporter.add(ExportImage(path, stem, image_id, entry["width"], entry["height"]),
-                                 detection_outlines(output, label_names, label_to_cat_id, options.review_below,
-                                                    options.overlap_thresh, options.mask_thresh))
-                if crops_dir is not None:
-                    background = crop_background(options.crops.background, entry["polarity"])
-                    crop_entries += write_image_crops(image, output, image_id, path, stem, crops_dir, background,
-                                                      options.crops.margin, options.crops.height)
-                    write_text_atomic(crops_dir / CROPS_JSON, json_list_text(crop_entries))
-            except (DatasetError, RuntimeError, MemoryError) as exc:
-                if not isinstance(exc, DatasetError) and not is_out_of_memory(exc):
-                    raise
-                reason = str(exc) if isinstance(exc, DatasetError) else \
-                    "not enough memory to predict this {}x{} image ({})".format(*image_size(path), one_line(exc))
-                index.fail(image_id, path, reason)
-                table.fail(image_id, path, stem, reason)
-                tqdm.write(f"warning: skipped {path}: {reason}", file=sys.stderr)
-                continue
-            finally:
-                image = output = reading = None  # the next image must not wait for this one's memory
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
-            index.add(entry)
-            table.add(entry, scores, overlapping)
-            summary.num_detections += entry["num_detections"]
-            summary.seconds += entry["inference_ms"] / 1000
-            tqdm.write(f"{path}: {counts}, {entry['inference_ms']:.0f} ms -> {stem}_pred.png")
-    summary.images, summary.failed = index.images, index.failed
+        pending = None
+        for image_id, ((path, reading), stem) in enumerate(zip(progress, output_stems(paths)), start=1):
+            pending = _write_after(writer, pending,
+                                   _predict_or_skip(model, path, reading, image_id, stem, device, outputs))
+        if pending is not None:
+            pending.result()
+    summary = outputs.summary
+    summary.images, summary.failed = outputs.index.images, outputs.index.failed
     return summary
 
 
