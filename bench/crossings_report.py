@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_utils.evaluation.crossings import (  # noqa: E402
-    METRICS, CropScore, classifier_agreement, crop_scores, focus_matches, summarize)
+    ERROR_PARTS, METRICS, CropScore, classifier_agreement, crop_scores, crossing_errors, focus_matches, summarize)
 from train_utils.evaluation.stats import bootstrap_draws, paired_difference, seed_spread  # noqa: E402
 
 BASELINE = "maskrcnn"
@@ -88,7 +88,20 @@ def report(runs_dir: Path, draws: int = 1000) -> str:
             cells = [str(_difference(scored[name], scored[BASELINE], "crossing", m)) for m in DIFF_METRICS]
             cells.append(str(_difference(scored[name], scored[BASELINE], "control", "AP")))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + classifier_lines(coco, runs))
+    return "\n".join(lines + error_lines(coco, runs) + classifier_lines(coco, runs))
+
+
+def error_lines(coco: COCO, runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The table of where the masks of the found crossing chromosomes go wrong (``crossing_errors``), per variant."""
+    lines = ["", "Where the masks of the found crossing chromosomes go wrong (detections >= 0.5 matched at mask IoU "
+             "0.5; fractions of the chromosome's area, the crossing region's for missed crossing):", "",
+             "| variant | found | missed | missed crossing | into partner | into others | into background |",
+             "|---" * 7 + "|"]
+    for name, seeds in runs.items():
+        errors = [crossing_errors(coco, run["detections"]) for _, run in sorted(seeds.items())]
+        cells = [_cell([e[part] for e in errors]) for part in ERROR_PARTS]
+        lines.append(f"| {name} | {np.mean([e['found'] for e in errors]):.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def classifier_lines(coco: COCO, runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:

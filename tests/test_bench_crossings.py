@@ -73,6 +73,14 @@ def test_report_tables_the_overlap_classifier_of_the_variants_that_have_one(crop
     assert not any(line.startswith("| maskrcnn |") for line in table)  # no classifier: no row
 
 
+def test_report_tables_where_the_found_crossing_masks_go_wrong(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [True], "dacseg": [False]})  # exact masks: nothing wrong
+    text = report(tmp_path / "runs", draws=50)
+    table = text[text.index("Where the masks"):].splitlines()
+    assert "| maskrcnn | 2 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in table  # both arms found, exactly
+    assert "| dacseg | 1 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in table  # one arm missing: one found
+
+
 def test_picture_draws_ground_truth_and_both_models(crops, tmp_path):
     write_runs(crops, tmp_path / "runs", {"maskrcnn": [False], "dacseg": [True]})
     out = picture(tmp_path / "runs", crops, tmp_path / "x.png", count=6)

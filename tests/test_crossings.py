@@ -13,7 +13,7 @@ from tests.conftest import bar_polygon
 from tools.coco_layout import rle_from_mask
 from train_utils.evaluation.coco_eval import evaluate_results
 from train_utils.evaluation.crossings import (
-    classifier_agreement, crop_scores, focus_matches, summarize, summarize_by_kind)
+    classifier_agreement, crop_scores, crossing_errors, focus_matches, summarize, summarize_by_kind)
 
 H = W = 100
 
@@ -164,3 +164,27 @@ def test_focus_matches_pairs_each_found_focus_instance_with_its_detection():
     assert got[0][0]["score"] == 0.9 and got[0][2] == pytest.approx(1.0)
     assert 0.5 <= got[1][2] < 0.75
     assert focus_matches(coco, 1, dets, iou_thresh=0.75) == got[:1]
+
+
+def test_crossing_errors_split_a_mask_that_spills_into_the_arm_it_crosses():
+    first, second, lone = (m for m, _ in x_crop())  # the crossing pair is (first, second); the lone bar is no partner
+    coco = crops_coco([x_crop()], ["crossing"])
+    spill = second & ~first
+    spill[:, :50] = False  # half of the partner's free part
+    missing = first.copy()
+    missing[:, 65:] = False  # the end of the first arm, away from the crossing
+    dets = [det(1, missing | spill, 0.9), det(1, second, 0.9)]
+    got = crossing_errors(coco, dets)
+    assert got["found"] == 2
+    area = first.sum()
+    expected_missed = (first & ~missing).sum() / area / 2  # the second arm is perfect
+    assert got["missed"] == pytest.approx(expected_missed)
+    assert got["missed_crossing"] == 0.0  # the crossing region is kept
+    assert got["into_partner"] == pytest.approx(spill.sum() / area / 2)
+    assert got["into_others"] == got["into_background"] == 0.0
+
+
+def test_crossing_errors_count_only_crossing_chromosomes():
+    coco = crops_coco([x_crop()], ["control"])  # no pairs
+    got = crossing_errors(coco, [det(1, m, 0.9) for m, _ in x_crop()])
+    assert got["found"] == 0 and np.isnan(got["missed"])

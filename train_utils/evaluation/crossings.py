@@ -13,7 +13,8 @@ detection on one of them counts for nothing. From the matches:
 * ``pairs50`` / ``pairs75``: the fraction of crossing pairs whose *both* chromosomes are found at IoU 0.5 / 0.75.
 
 ``classifier_agreement`` says how often DaCSeg's overlap classifier is right on the found chromosomes, crossing or
-not (why a model separates pairs or fails to).
+not, and ``crossing_errors`` where the masks of found crossing chromosomes go wrong (why a model separates pairs or
+fails to).
 """
 from __future__ import annotations
 
@@ -201,3 +202,43 @@ def focus_matches(coco_gt: COCO, image_id: int, detections: Iterable[Mapping[str
         matched, on_crowd = match_detections(ious, crowd, iou_thresh)
         out += [(dets[d], gts[g], float(ious[d, g])) for d, g in enumerate(matched) if g >= 0 and not on_crowd[d]]
     return sorted(out, key=lambda m: m[1]["id"])
+
+
+ERROR_PARTS = ("missed", "missed_crossing", "into_partner", "into_others", "into_background")
+
+
+def crossing_errors(coco_gt: COCO, detections: Iterable[Mapping[str, Any]],
+                    score_thresh: float = 0.5) -> dict[str, float]:
+    """Where the masks of the found crossing chromosomes go wrong: for each focus instance of a crossing pair found
+    at mask IoU 0.5 (``focus_matches``), with G its mask, P the union of the chromosomes it crosses, U every
+    instance of the crop and m the detection's mask, the mean over instances of ``missed`` |G - m| / |G|,
+    ``missed_crossing`` |G∩P - m| / |G∩P| (the crossing region), ``into_partner`` |m∩P - G| / |G| (the mask spilling
+    into the arms it crosses), ``into_others`` |m∩U - G - P| / |G| and ``into_background`` |m - U| / |G|, with
+    ``found`` their count (NaN when none)."""
+    from pycocotools import mask as mask_utils  # noqa: PLC0415
+
+    dets_by_image: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for d in detections:
+        dets_by_image[d["image_id"]].append(d)
+    parts = []
+    for image_id in sorted(coco_gt.getImgIds()):
+        info = coco_gt.imgs[image_id]
+        partners: dict[int, list[int]] = defaultdict(list)
+        for a, b in info.get("pairs", []):
+            partners[a].append(b)
+            partners[b].append(a)
+        matches = [m for m in focus_matches(coco_gt, image_id, dets_by_image.get(image_id, []), score_thresh)
+                   if m[1]["id"] in partners]
+        if not matches:
+            continue
+        masks = {a["id"]: coco_gt.annToMask(a).astype(bool) for a in coco_gt.imgToAnns[image_id]}
+        every = np.any(np.stack(list(masks.values())), axis=0)
+        for det, gt, _ in matches:
+            own, found = masks[gt["id"]], mask_utils.decode(det["segmentation"]).astype(bool)
+            partner = np.any(np.stack([masks[p] for p in partners[gt["id"]]]), axis=0)
+            crossing, area = own & partner, max(int(own.sum()), 1)
+            parts.append([(own & ~found).sum() / area, (crossing & ~found).sum() / max(int(crossing.sum()), 1),
+                          (found & partner & ~own).sum() / area, (found & every & ~own & ~partner).sum() / area,
+                          (found & ~every).sum() / area])
+    means = np.mean(parts, axis=0) if parts else np.full(len(ERROR_PARTS), np.nan)
+    return {"found": len(parts), **{name: float(value) for name, value in zip(ERROR_PARTS, means)}}
