@@ -54,6 +54,8 @@ class ModelConfig:
     fusion: str = "stage2"
     # the final mask loss's weight on the pixels where a crossing chromosome meets another (1: plain Mask R-CNN loss)
     crossing_mask_weight: float = 1.0
+    # its weight on the pixels of the other chromosomes inside the RoI (where a mask spills into the arm it crosses)
+    neighbour_mask_weight: float = 1.0
     # a shape codebook file (tools/build_shape_codebook.py): the final mask is refined with the shapes nearest to the
     # coarse mask (network_files/shape_prior.py); the codebook itself travels in the state dict
     shape_prior: Optional[str] = None
@@ -92,6 +94,8 @@ class ModelConfig:
             raise ValueError(f"unknown DaCSeg fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.crossing_mask_weight < float("inf"):
             raise ValueError(f"crossing_mask_weight must be a finite number >= 0, got {self.crossing_mask_weight}")
+        if not 0.0 <= self.neighbour_mask_weight < float("inf"):
+            raise ValueError(f"neighbour_mask_weight must be a finite number >= 0, got {self.neighbour_mask_weight}")
         if self.shape_prior is not None and self.name != "dacseg":
             raise ValueError("a shape prior (--shape-prior) needs --model dacseg")
         if self.shape_prior_nearest < 1:

@@ -11,8 +11,9 @@ With a shape prior (``ModelConfig.shape_prior``, ``shape_prior``) that mask is t
 shapes to it and F + X2 feed a refinement head, whose mask is the final one (the coarse mask keeps its own loss).
 
 ``ModelConfig.fusion`` picks what the final mask head reads (F + X2 as published; F + X1; F + p·X2, stage 2 gated by
-the classifier's overlap probability p; or F alone), and ``crossing_mask_weight`` weighs the final mask loss on the
-pixels where a crossing chromosome meets another.
+the classifier's overlap probability p; or F alone), ``crossing_mask_weight`` weighs the final mask loss on the
+pixels where a crossing chromosome meets another, and ``neighbour_mask_weight`` on the pixels of the other
+chromosomes inside the RoI (where a mask spills into the arm it crosses).
 
 The auxiliary targets are derived from the ground-truth instance masks and their overlap flags (``overlaps``,
 given by the dataset as ``target["overlapping"]``; see ``overlap_regions``), so a plain instance-segmentation dataset
@@ -151,18 +152,32 @@ def dacseg_loss(logits: DaCSegLogits, targets: OverlapTargets) -> dict[str, Tens
     }
 
 
-def crossing_weighted_mask_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
-                                matched_idxs: list[Tensor], targets: OverlapTargets, weight: float) -> Tensor:
-    """Mask R-CNN's mask loss (BCE on each RoI's class channel) with the pixels of the overlap target, where a
-    crossing chromosome meets another, weighing ``weight`` instead of 1 (mean over RoIs and pixels)."""
+def neighbour_regions(masks: Tensor) -> Tensor:
+    """``[N, H, W]`` bool: for each instance, the pixels of the other instances outside its own mask (where its mask
+    would spill into the chromosome it crosses or touches)."""
+    masks = masks.bool()
+    others = masks.sum(dim=0, dtype=torch.int32)[None] - masks.int()
+    return (others > 0) & ~masks
+
+
+def weighted_mask_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+                       matched_idxs: list[Tensor], targets: OverlapTargets, crossing_weight: float,
+                       neighbour_weight: float) -> Tensor:
+    """Mask R-CNN's mask loss (BCE on each RoI's class channel, mean over RoIs and pixels) with the pixels of the
+    overlap target, where a crossing chromosome meets another, weighing ``crossing_weight`` instead of 1, and those
+    of the other chromosomes inside the RoI (``neighbour_regions``) ``neighbour_weight``."""
     if targets.labels.numel() == 0:
         return mask_logits.sum() * 0
     resolution = mask_logits.shape[-1]
     with torch.autocast(mask_logits.device.type, enabled=False):
         mask_targets = torch.cat([project_masks_on_boxes(m, p.float(), i, resolution)
                                   for m, p, i in zip(gt_masks, proposals, matched_idxs)])
+        pixel_weights = 1.0 + (crossing_weight - 1.0) * targets.overlap
+        if neighbour_weight != 1.0:
+            neighbours = torch.cat([project_masks_on_boxes(neighbour_regions(m), p.float(), i, resolution)
+                                    for m, p, i in zip(gt_masks, proposals, matched_idxs)])
+            pixel_weights = pixel_weights + (neighbour_weight - 1.0) * neighbours
     index = torch.arange(targets.labels.shape[0], device=mask_logits.device)
-    pixel_weights = 1.0 + (weight - 1.0) * targets.overlap
     return F.binary_cross_entropy_with_logits(mask_logits[index, targets.labels].float(), mask_targets,
                                               weight=pixel_weights)
 
@@ -269,6 +284,7 @@ class DaCSegRoIHeads(RoIHeads):
         overlap_head: BilayerOverlapHead,
         fusion: str = "stage2",
         crossing_mask_weight: float = 1.0,
+        neighbour_mask_weight: float = 1.0,
         shape_prior: ShapePriorHead | None = None,
         **kwargs: Any,
     ) -> None:
@@ -279,6 +295,7 @@ class DaCSegRoIHeads(RoIHeads):
         self.overlap_head = overlap_head
         self.fusion = fusion  # ``ModelConfig.fusion``
         self.crossing_mask_weight = crossing_mask_weight
+        self.neighbour_mask_weight = neighbour_mask_weight
         self.shape_prior = shape_prior
         self.return_overlap_maps = False
 
@@ -291,6 +308,7 @@ class DaCSegRoIHeads(RoIHeads):
         overlap_head: BilayerOverlapHead,
         fusion: str = "stage2",
         crossing_mask_weight: float = 1.0,
+        neighbour_mask_weight: float = 1.0,
         shape_prior: ShapePriorHead | None = None,
     ) -> "DaCSegRoIHeads":
         """Take over the modules (shared, not copied) and settings of a torchvision Mask R-CNN ``RoIHeads``."""
@@ -313,6 +331,7 @@ class DaCSegRoIHeads(RoIHeads):
             overlap_head=overlap_head,
             fusion=fusion,
             crossing_mask_weight=crossing_mask_weight,
+            neighbour_mask_weight=neighbour_mask_weight,
             shape_prior=shape_prior,
         )
 
@@ -381,9 +400,9 @@ class DaCSegRoIHeads(RoIHeads):
             "loss_classifier": loss_classifier,
             "loss_box_reg": loss_box_reg,
             "loss_mask": maskrcnn_loss(logits.mask, mask_proposals, gt_masks, gt_labels, pos_matched_idxs)
-            if self.crossing_mask_weight == 1.0 else
-            crossing_weighted_mask_loss(logits.mask, mask_proposals, gt_masks, pos_matched_idxs, targets_overlap,
-                                        self.crossing_mask_weight),
+            if self.crossing_mask_weight == self.neighbour_mask_weight == 1.0 else
+            weighted_mask_loss(logits.mask, mask_proposals, gt_masks, pos_matched_idxs, targets_overlap,
+                               self.crossing_mask_weight, self.neighbour_mask_weight),
         }
         if logits.coarse_mask is not None:
             losses["loss_coarse_mask"] = maskrcnn_loss(logits.coarse_mask, mask_proposals, gt_masks, gt_labels,
@@ -470,6 +489,7 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig, load_codebook: bool 
         overlap_head=BilayerOverlapHead(channels, num_classes).to(device),
         fusion=config.fusion,
         crossing_mask_weight=config.crossing_mask_weight,
+        neighbour_mask_weight=config.neighbour_mask_weight,
         shape_prior=shape_prior,
     )
     transform = model.transform

@@ -653,15 +653,54 @@ def test_crossing_mask_weight_one_is_mask_rcnn_loss_and_more_weighs_the_crossing
         torch.manual_seed(1)
         losses[weight] = model([image], [target])["loss_mask"]
     assert losses[5.0] > losses[1.0]  # the crossing pixels weigh more (random heads miss them like any other)
-    from network_files.dacseg import crossing_weighted_mask_loss, overlap_targets  # noqa: PLC0415
+    from network_files.dacseg import overlap_targets, weighted_mask_loss  # noqa: PLC0415
     from torchvision.models.detection.roi_heads import maskrcnn_loss  # noqa: PLC0415
 
     logits = torch.randn(2, 2, 28, 28)
     boxes = [target["boxes"][:2].float()]
     idxs = [torch.tensor([0, 1])]
     targets = overlap_targets(boxes, [target["masks"]], [target["labels"]], [target["overlapping"]], idxs, 28)
-    torch.testing.assert_close(crossing_weighted_mask_loss(logits, boxes, [target["masks"]], idxs, targets, 1.0),
+    torch.testing.assert_close(weighted_mask_loss(logits, boxes, [target["masks"]], idxs, targets, 1.0, 1.0),
                                maskrcnn_loss(logits, boxes, [target["masks"]], [target["labels"]], idxs))
+
+
+def test_neighbour_regions_are_the_other_chromosomes_outside_each_own_mask():
+    from network_files.dacseg import neighbour_regions  # noqa: PLC0415
+
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2, :] = True  # a horizontal bar
+    masks[1, :, 3] = True  # a vertical bar crossing it at (2, 3)
+    masks[2, 6, 6] = True  # a lone dot
+    got = neighbour_regions(masks)
+    assert torch.equal(got[0], (masks[1] | masks[2]) & ~masks[0])  # the crossing pixel is its own, not a neighbour's
+    assert not got[0, 2, 3] and got[0, 0, 3] and got[0, 6, 6]
+    assert torch.equal(got[2], (masks[0] | masks[1]) & ~masks[2])
+    assert neighbour_regions(torch.zeros(0, 8, 8, dtype=torch.bool)).shape == (0, 8, 8)
+
+
+def test_neighbour_mask_weight_weighs_the_partner_pixels_a_mask_spills_into():
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes  # noqa: PLC0415
+
+    from network_files.dacseg import neighbour_regions, overlap_targets, weighted_mask_loss  # noqa: PLC0415
+
+    _, target = bars_sample(CROSSING_BARS[:2])  # a horizontal bar crossed by a vertical one
+    masks = target["masks"]
+    boxes = [torch.tensor([[20.0, 16, 120, 112]])]  # a RoI of the horizontal bar that holds the vertical one
+    idxs = [torch.tensor([0])]
+    targets = overlap_targets(boxes, [masks], [target["labels"]], [target["overlapping"]], idxs, 28)
+    own = project_masks_on_boxes(masks, boxes[0], idxs[0], 28)[0] > 0.5
+    partner = project_masks_on_boxes(neighbour_regions(masks), boxes[0], idxs[0], 28)[0] > 0.5
+    background = torch.zeros_like(own).flatten()
+    background[torch.where(~(own | partner).flatten())[0][:int(partner.sum())]] = True  # as many pixels
+    background = background.view(28, 28)
+    assert partner.sum() > 50 and background.sum() == partner.sum()
+
+    def loss(spill: torch.Tensor, weight: float) -> float:
+        logits = torch.where(own | spill, 8.0, -8.0).expand(1, 2, 28, 28)
+        return float(weighted_mask_loss(logits, boxes, [masks], idxs, targets, 1.0, weight))
+
+    assert loss(partner, 1.0) == pytest.approx(loss(background, 1.0), rel=0.05)  # plain: a pixel is a pixel
+    assert loss(partner, 4.0) > 3 * loss(background, 4.0)  # weighted: spilling into the partner costs 4 times
 
 
 def test_design_options_are_checked_and_recorded():
@@ -669,7 +708,9 @@ def test_design_options_are_checked_and_recorded():
         ModelConfig(name="dacseg", fusion="x3")
     with pytest.raises(ValueError, match="crossing_mask_weight"):
         ModelConfig(name="dacseg", crossing_mask_weight=-1.0)
-    config = tiny_config(fusion="gated", crossing_mask_weight=3.0)
+    with pytest.raises(ValueError, match="neighbour_mask_weight"):
+        ModelConfig(name="dacseg", neighbour_mask_weight=float("inf"))
+    config = tiny_config(fusion="gated", crossing_mask_weight=3.0, neighbour_mask_weight=2.0)
     assert ModelConfig.from_dict(config.to_dict()) == config
     heads = build_model(config).roi_heads
-    assert (heads.fusion, heads.crossing_mask_weight) == ("gated", 3.0)
+    assert (heads.fusion, heads.crossing_mask_weight, heads.neighbour_mask_weight) == ("gated", 3.0, 2.0)

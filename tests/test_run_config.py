@@ -28,14 +28,16 @@ def test_model_config_from_args():
                               "--anchor-sizes", "8", "16", "32", "64", "128", "--box-score-thresh", "0.1",
                               "--box-nms-thresh", "0.4", "--detections-per-img", "60", "--overlap-cls-head", "conv",
                               "--min-overlap-area", "30", "--loss-weights", "loss_overlap=2", "--fusion", "gated",
-                              "--crossing-mask-weight", "2.5", "--shape-prior", "codebook.pt",
+                              "--crossing-mask-weight", "2.5", "--neighbour-mask-weight", "3",
+                              "--shape-prior", "codebook.pt",
                               "--shape-prior-nearest", "3"])
     config = model_config_from_args(args, num_classes=3)
     assert config == ModelConfig(name="dacseg", num_classes=3, backbone="resnet101", trainable_layers=2,
                                  norm_layer="frozen_bn", min_size=256, max_size=320, anchor_sizes=(8, 16, 32, 64, 128),
                                  box_score_thresh=0.1, box_nms_thresh=0.4, box_detections_per_img=60,
                                  overlap_cls_head="conv", min_overlap_area=30.0, loss_weights={"loss_overlap": 2.0},
-                                 fusion="gated", crossing_mask_weight=2.5, shape_prior="codebook.pt",
+                                 fusion="gated", crossing_mask_weight=2.5, neighbour_mask_weight=3.0,
+                                 shape_prior="codebook.pt",
                                  shape_prior_nearest=3)
     plain = model_config_from_args(parse_args(DATA))
     assert plain.num_classes == 1 and plain.trainable_layers is None and plain.norm_layer is None

@@ -205,6 +205,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        default=_MODEL_DEFAULTS.crossing_mask_weight, metavar="W",
                        help="DaCSeg: weight of the final mask loss on the pixels where a crossing chromosome meets "
                             "another (default: %(default)s, the plain mask loss)")
+    group.add_argument("--neighbour-mask-weight", type=number_arg(float, low=0.0),
+                       default=_MODEL_DEFAULTS.neighbour_mask_weight, metavar="W",
+                       help="DaCSeg: weight of the final mask loss on the pixels of the other chromosomes inside a "
+                            "RoI, where a mask spills into the arm it crosses (default: %(default)s, the plain loss)")
     group.add_argument("--shape-prior", default=None, metavar="CODEBOOK",
                        help="DaCSeg: refine each mask with the nearest shapes of a codebook written by "
                             "tools/build_shape_codebook.py; it is stored in the checkpoint (default: off)")

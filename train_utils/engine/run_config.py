@@ -156,6 +156,7 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int | None = N
             overlap_cls_head=args.overlap_cls_head,
             fusion=args.fusion,
             crossing_mask_weight=args.crossing_mask_weight,
+            neighbour_mask_weight=args.neighbour_mask_weight,
             shape_prior=args.shape_prior,
             shape_prior_nearest=args.shape_prior_nearest,
             min_overlap_area=MIN_OVERLAP_AREA if args.min_overlap_area is None else args.min_overlap_area,
