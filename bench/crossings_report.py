@@ -1,5 +1,5 @@
 """The tables of ``bench_crossings.py``'s saved runs: every variant's crossing and control metrics (mean over seeds
-± half the max-min spread) and its paired bootstrap difference from ``maskrcnn``."""
+± half the max-min spread) and its paired bootstrap difference from ``maskrcnn`` (crops and seeds resampled)."""
 from __future__ import annotations
 
 import contextlib
@@ -67,7 +67,8 @@ def report(runs_dir: Path, draws: int = 1000) -> str:
     scored = {name: {seed: Scored(crop_scores(coco, run["detections"]), rows) for seed, run in sorted(seeds.items())}
               for name, seeds in runs.items()}
     lines = [f"val crops: {kinds['crossing']} crossing ({sum(len(i.get('pairs', [])) for i in coco.dataset['images'])}"
-             f" pairs), {kinds['control']} control; {draws} bootstrap draws over crops, paired by seed", ""]
+             f" pairs), {kinds['control']} control; {draws} bootstrap draws over crops and seeds (a seed brings both "
+             "models' runs)", ""]
     lines += ["| variant | seeds | steps | train s | crossing AP | AP75 | R@0.5 | R@0.75 | mean IoU | pairs@0.5 | "
               "pairs@0.75 | control AP | control R@0.75 |", "|---" * 13 + "|"]
     for name, seeds in scored.items():

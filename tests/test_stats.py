@@ -49,10 +49,25 @@ def test_a_noisy_small_difference_is_not_resolved_and_a_large_one_is():
 def test_draws_are_shared_by_seed_and_differences_pair_them():
     rows = bootstrap_draws(5, draws=3, seed=7)
     assert rows.shape == (3, 5) and (rows == bootstrap_draws(5, draws=3, seed=7)).all()
-    got = paired_difference([1.0, 3.0], [0.0, 1.0], np.array([[1.0, 2.0], [3.0, 4.0]]),
-                            np.array([[0.0, 0.0], [1.0, 1.0]]))
-    assert got.per_seed == (1.0, 2.0) and got.mean == 1.5
-    assert got.low == pytest.approx(1.525) and got.high == pytest.approx(2.475)  # draws: 1.5 and 2.5
+    got = paired_difference([1.0], [0.0], np.array([[1.0, 2.0]]), np.array([[0.0, 0.5]]))
+    assert got.per_seed == (1.0,) and got.mean == 1.0
+    assert got.low == pytest.approx(1.0125) and got.high == pytest.approx(1.4875)  # one seed: draws 1.0 and 1.5
+
+
+def test_draws_resample_the_seeds_too():
+    # seed 0: A - B is 1 on either crop draw, seed 1: 3; two draws of the crops
+    got = paired_difference([1.0, 3.0], [0.0, 0.0], np.array([[1.0, 1.0], [3.0, 3.0]]), np.zeros((2, 2)))
+    assert got.per_seed == (1.0, 3.0) and got.mean == 2.0
+    many = paired_difference([1.0, 3.0], [0.0, 0.0], np.repeat([[1.0], [3.0]], 400, axis=1), np.zeros((2, 400)))
+    assert many.low == pytest.approx(1.0) and many.high == pytest.approx(3.0)  # (1, 1) and (3, 3) are drawn too
+
+
+def test_seeds_that_disagree_are_not_resolved_however_tight_the_crops():
+    # the crops agree exactly within each run, but seed 0 favours A by 0.3 and seed 1 favours B by 0.1
+    a = [[0.8] * 30, [0.4] * 30]
+    b = [[0.5] * 30, [0.5] * 30]
+    got = paired_bootstrap(a, b, mean, draws=400)
+    assert got.mean == pytest.approx(0.1) and got.low < 0 < got.high and not got.resolved
 
 
 def test_mismatched_inputs_are_refused():

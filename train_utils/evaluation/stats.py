@@ -1,9 +1,12 @@
-"""Is a difference between two models real? Paired bootstrap intervals over the scored items (crops), paired by seed.
+"""Is a difference between two models real? Paired bootstrap intervals over the scored items (crops) and the seeds.
 
 Model A and model B were each trained with the same seeds and scored on the same items. One bootstrap draw resamples
-the items with replacement (the same draw for every seed and both models); the difference of that draw is the mean
-over seeds of ``metric(A_seed[draw]) - metric(B_seed[draw])``. The interval is the percentile interval of the draws.
-A difference whose interval holds 0 is not resolved.
+the items with replacement (the same draw for every seed and both models) and the seeds with replacement (a seed
+brings both models' runs: they are paired by seed); the difference of that draw is the mean over the drawn seeds of
+``metric(A_seed[draw]) - metric(B_seed[draw])``. The interval is the percentile interval of the draws, so it holds
+both the items' sampling and the training's seed-to-seed noise: resampling the items alone would take two runs of one
+configuration from other seeds for different models. A difference whose interval holds 0 is not resolved. With one
+seed, the interval holds the items' sampling only.
 """
 from __future__ import annotations
 
@@ -41,9 +44,10 @@ def bootstrap_draws(count: int, draws: int = 1000, seed: int = 0) -> np.ndarray:
 
 
 def paired_difference(a_all: Sequence[float], b_all: Sequence[float], a_draws: np.ndarray, b_draws: np.ndarray,
-                      level: float = 0.95) -> Difference:
+                      level: float = 0.95, seed: int = 0) -> Difference:
     """``A - B`` from each seed's metric on all items (``a_all[s]``) and on every draw of the same
-    ``bootstrap_draws`` (``a_draws[s, d]``); draws where the metric is NaN (nothing to count) are left out."""
+    ``bootstrap_draws`` (``a_draws[s, d]``), each draw also resampling the seeds (``seed`` seeds that resampling);
+    draws where the metric is NaN (nothing to count) are left out."""
     a_draws, b_draws = np.asarray(a_draws, dtype=np.float64), np.asarray(b_draws, dtype=np.float64)
     if len(a_all) != len(b_all) or not len(a_all) or a_draws.shape != b_draws.shape:
         raise ValueError(f"need the same seeds and draws for both models, got {len(a_all)} and {len(b_all)} seeds, "
@@ -51,7 +55,10 @@ def paired_difference(a_all: Sequence[float], b_all: Sequence[float], a_draws: n
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     per_seed = tuple(float(a) - float(b) for a, b in zip(a_all, b_all))
-    diffs = (a_draws - b_draws).mean(axis=0)
+    per_seed_draws = a_draws - b_draws  # [seeds, draws]
+    num_seeds, num_draws = per_seed_draws.shape
+    picked = np.random.default_rng(seed).integers(0, num_seeds, (num_draws, num_seeds))
+    diffs = per_seed_draws[picked, np.arange(num_draws)[:, None]].mean(axis=1)
     diffs = diffs[np.isfinite(diffs)]
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(diffs, [tail, 100 - tail]) if diffs.size else (float("nan"), float("nan"))
