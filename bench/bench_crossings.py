@@ -123,6 +123,7 @@ class Setting:
     warmup_iters: int = 60
     evals: int = 3  # val scorings along the way (the last at the end): the val curve
     synthetic: int = 0  # synthetic spreads whose crossing crops join the training data
+    device: str = "cpu"  # where the models train and are scored ("cuda": a GPU; its numbers are not the CPU's)
 
 
 def model_config(variant: Variant, setting: Setting, num_classes: int, min_size: int, max_size: int,
@@ -200,9 +201,10 @@ class SeededBatches:
         return iter(order.split(self.batch_size))
 
 
-def score_val(model: torch.nn.Module, val: ChromosomeDataset, workers: int) -> list[dict[str, Any]]:
+def score_val(model: torch.nn.Module, val: ChromosomeDataset, workers: int,
+              device: torch.device) -> list[dict[str, Any]]:
     loader = DataLoader(val, batch_size=4, num_workers=workers, collate_fn=collate_fn)
-    results, _ = score.predict_results(model, loader, torch.device("cpu"), val.label_to_cat_id)
+    results, _ = score.predict_results(model, loader, device, val.label_to_cat_id)
     return results
 
 
@@ -218,7 +220,8 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
     train = training_set(data["crops"], data["whole"], setting, data.get("synthetic"))
     train_seed = training_seed(variant, seed)
     seed_everything(train_seed, 0, 0)
-    model = make_model(variant, setting, val.num_classes, data.get("codebook"))
+    device = torch.device(setting.device)
+    model = make_model(variant, setting, val.num_classes, data.get("codebook")).to(device)
     loader = DataLoader(train, batch_sampler=SeededBatches(len(train), setting.batch_size, train_seed),
                         num_workers=workers, collate_fn=collate_fn, persistent_workers=workers > 0)
     optimization = OptimizerSettings(lr=setting.lr)  # train.py's defaults but for the lr
@@ -233,14 +236,14 @@ def train_and_score(name: str, seed: int, setting: Setting, data: dict[str, Path
     for stop in stops:
         steps.count = stop - done
         start = time.perf_counter()
-        loop.train_one_epoch(model, optimizer, steps, torch.device("cpu"), done, lr_scheduler=lr_scheduler,
+        loop.train_one_epoch(model, optimizer, steps, device, done, lr_scheduler=lr_scheduler,
                              clip_grad_norm=optimization.clip_grad_norm, loss_weights=dict(variant.loss_weights),
                              print_freq=10,
                              show_progress=False,
                              on_log=lambda i, v, base=done: run.losses.append((base + i, float(v["loss"]))))
         run.train_s += time.perf_counter() - start  # the scoring below is not training time
         done = stop
-        run.detections = score_val(model, val, workers)
+        run.detections = score_val(model, val, workers, device)
         crossing = summarize([c for c in crop_scores(val.coco, run.detections) if c.kind == "crossing"])
         run.curve.append((done, crossing["recall75"], crossing["pairs75"]))
         print(f"  {name} seed {seed} step {done}/{setting.steps} ({run.train_s:.0f} s): loss "
@@ -289,6 +292,28 @@ def shape_codebook(whole: Path, out: Path) -> Path:
     return out
 
 
+def as_json(setting: Setting) -> dict[str, Any]:
+    """``setting`` as a saved run holds it (tuples as JSON lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(setting)))
+
+
+def setting_differences(stored: dict[str, Any], setting: Setting) -> list[str]:
+    """The fields in which a saved run's setting is not ``setting`` (a field the run predates counts as its
+    default)."""
+    stored = {**as_json(Setting()), **stored}
+    return [f"{key} {stored.get(key)} there, {value} here" for key, value in as_json(setting).items()
+            if stored.get(key) != value]
+
+
+def check_out(out: Path, setting: Setting) -> None:
+    """Refuse an ``--out`` that holds runs of another setting: they would be overwritten, or paired with these."""
+    for path in sorted(out.glob("*_seed*.json")):
+        differences = setting_differences(json.loads(path.read_text()).get("setting", {}), setting)
+        if differences:
+            raise SystemExit(f"bench_crossings.py: error: --out {out} holds runs of another setting ({path.name}: "
+                             f"{'; '.join(differences)}); give another --out")
+
+
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["stock", "maskrcnn", "dacseg"])
@@ -312,6 +337,9 @@ def get_args_parser() -> ArgumentParser:
                         help="codebook of the shape-prior variants, built from the train split only (default: "
                              "OUT/shape_codebook.pt, built there from the train images when absent)")
     parser.add_argument("--save-dir", type=Path, default=None, help="also save each model as a train.py checkpoint")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=Setting.device,
+                        help="train and score on the CPU or a GPU; a setting of its own, so the runs of one never "
+                             "resume or pair with the other's (default: %(default)s)")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=1)
     parser.add_argument("--bootstrap", type=number_arg(int, low=100), default=1000, help="bootstrap draws")
     return parser
@@ -328,11 +356,15 @@ def main(argv: list[str] | None = None) -> int:
                 data = prepare(args.data_path, Path(work), Setting(crop_size=args.crop_size))
                 print(f"wrote {picture(args.report, data['crops'], args.picture)}")
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_crossings.py: error: --device cuda: torch sees no CUDA device here")
     setting = Setting(crop_size=args.crop_size, train_data=args.train_data, steps=args.steps, evals=args.evals,
-                      synthetic=args.synthetic, rois_per_image=args.rois_per_image)
-    print(f"# bench_crossings: {setting}\n# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                      synthetic=args.synthetic, rois_per_image=args.rois_per_image, device=args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"# bench_crossings: {setting}\n# {where}, torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    check_out(args.out, setting)
     with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
         data = prepare(args.data_path, Path(work), setting)
         if any(VARIANTS[name].shape_prior for name in args.variants):
@@ -341,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             for name in args.variants:
                 path = args.out / f"{name}_seed{seed}.json"
-                saved = json.loads(json.dumps(dataclasses.asdict(setting)))  # tuples as JSON lists
-                if path.exists() and json.loads(path.read_text())["setting"] == saved:
+                if path.exists():
                     print(f"{name} seed {seed}: kept {path} (same setting)", flush=True)
                     continue
                 run = train_and_score(name, seed, setting, data, args.workers, args.save_dir)

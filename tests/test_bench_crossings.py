@@ -126,3 +126,22 @@ def test_the_null_calibration_trains_ours_from_other_seeds_paired_as_its_own():
     assert dataclasses.replace(again, seed_offset=0, note="") == dataclasses.replace(ours, note="")  # same config
     assert [bench.training_seed(again, s) for s in (0, 1, 2)] == [100, 101, 102]
     assert [bench.training_seed(ours, s) for s in (0, 1, 2)] == [0, 1, 2]
+
+
+def test_an_out_folder_with_runs_of_another_setting_is_refused(tmp_path):
+    setting = bench.Setting(crop_size=128, steps=300)
+    stored = bench.as_json(setting)
+    del stored["device"]  # a run saved before the device was part of the setting: the CPU's
+    assert bench.setting_differences(stored, setting) == []
+    (tmp_path / "maskrcnn_seed0.json").write_text(json.dumps({"setting": stored}))
+    bench.check_out(tmp_path, setting)  # the same setting: kept, and resumed
+    with pytest.raises(SystemExit, match=r"maskrcnn_seed0.json: steps 300 there, 600 here\); give another --out"):
+        bench.check_out(tmp_path, bench.Setting(crop_size=128, steps=600))
+    with pytest.raises(SystemExit, match="device cpu there, cuda here"):
+        bench.check_out(tmp_path, bench.Setting(crop_size=128, steps=300, device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device here"):
+        bench.main(["--device", "cuda", "--out", str(tmp_path / "runs")])
