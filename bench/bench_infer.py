@@ -112,8 +112,11 @@ def our_model(args) -> tuple[torch.nn.Module, ModelConfig]:
         model, config, _ = load_model_from_checkpoint(args.weights_path, "cpu")
         return model, config
     torch.manual_seed(0)
-    config = ModelConfig(name=args.model, min_size=args.min_size, max_size=args.max_size,
-                         overlap_cls_head=args.overlap_cls_head)
+    try:
+        config = ModelConfig(name=args.model, min_size=args.min_size, max_size=args.max_size,
+                             overlap_cls_head=args.overlap_cls_head, shape_prior=args.shape_prior)
+    except ValueError as exc:
+        raise SystemExit(f"bench_infer.py: error: {exc}") from None
     return build_model(config).eval(), config
 
 
@@ -362,6 +365,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--model", choices=("maskrcnn", "dacseg"), default="maskrcnn",
                         help="model to build without --weights-path")
     parser.add_argument("--overlap-cls-head", choices=("fc", "conv"), default="fc")
+    parser.add_argument("--shape-prior", default=None, metavar="CODEBOOK",
+                        help="with --model dacseg and untrained weights: add the shape prior of this codebook")
     parser.add_argument("--min-size", type=number_arg(int, low=32), default=800)
     parser.add_argument("--max-size", type=number_arg(int, low=32), default=1333)
     parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA, help="BioImLab root (default: %(default)s)")
