@@ -323,6 +323,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("crossings_runs"), help="folder of the runs' JSON files")
     parser.add_argument("--report", type=Path, default=None, metavar="RUNS",
                         help="only print the tables of the runs saved in RUNS (no training)")
+    parser.add_argument("--baseline", nargs="+", choices=sorted(VARIANTS), default=[], metavar="VARIANT",
+                        help="with --report: also the differences from these variants (besides maskrcnn)")
     parser.add_argument("--picture", type=Path, default=None, metavar="PNG",
                         help="with --report: also draw 6 val crossings, ground truth, maskrcnn and dacseg (seed 0)")
     parser.add_argument("--evals", type=number_arg(int, low=1), default=Setting.evals, help="val scorings along the way")
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         from bench.crossings_report import picture, report  # noqa: PLC0415
 
-        print(report(args.report, args.bootstrap))
+        print(report(args.report, args.bootstrap, list(dict.fromkeys(["maskrcnn", *args.baseline]))))
         if args.picture is not None:
             with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
                 data = prepare(args.data_path, Path(work), Setting(crop_size=args.crop_size))

@@ -57,7 +57,8 @@ def _cell(values: Sequence[float]) -> str:
     return f"{mean:.3f} ±{spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def report(runs_dir: Path, draws: int = 1000) -> str:
+def report(runs_dir: Path, draws: int = 1000, baselines: Sequence[str] = (BASELINE,)) -> str:
+    """The tables; every variant's differences from each of ``baselines`` that has runs."""
     coco = load_gt(runs_dir)
     runs = load_runs(runs_dir)
     if not runs:
@@ -79,15 +80,15 @@ def report(runs_dir: Path, draws: int = 1000) -> str:
         train_s = np.mean([runs[name][seed]["train_s"] for seed in seeds])
         lines.append(f"| {name} | {','.join(map(str, seeds))} | {some['steps']} | {train_s:.0f} | "
                      + " | ".join(_cell(v) for v in cross + control) + " |")
-    if BASELINE in scored:
-        lines += ["", f"Differences from {BASELINE} (mean over the seeds both have [95% paired bootstrap interval]):",
+    for baseline in (b for b in baselines if b in scored):
+        lines += ["", f"Differences from {baseline} (mean over the seeds both have [95% paired bootstrap interval]):",
                   "", "| variant | " + " | ".join(f"crossing {m}" for m in DIFF_METRICS) + " | control AP |",
                   "|---" * (len(DIFF_METRICS) + 2) + "|"]
         for name in scored:
-            if name == BASELINE:
+            if name == baseline or not set(scored[name]) & set(scored[baseline]):
                 continue
-            cells = [str(_difference(scored[name], scored[BASELINE], "crossing", m)) for m in DIFF_METRICS]
-            cells.append(str(_difference(scored[name], scored[BASELINE], "control", "AP")))
+            cells = [str(_difference(scored[name], scored[baseline], "crossing", m)) for m in DIFF_METRICS]
+            cells.append(str(_difference(scored[name], scored[baseline], "control", "AP")))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines + error_lines(coco, runs) + classifier_lines(coco, runs))
 

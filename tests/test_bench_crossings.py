@@ -50,6 +50,14 @@ def test_report_has_every_variant_and_its_paired_difference(crops, tmp_path):
     assert "[+1.000, +1.000]" in diff  # one crop: every draw is that crop
 
 
+def test_report_compares_with_each_baseline_asked(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [False, False], "dacseg": [True, True]})
+    text = report(tmp_path / "runs", draws=50, baselines=("maskrcnn", "dacseg"))
+    against_dacseg = text[text.index("Differences from dacseg"):].splitlines()
+    assert any(line.startswith("| maskrcnn | -1.000 [-1.000, -1.000]") for line in against_dacseg)
+    assert "Differences from dacseg" not in report(tmp_path / "runs", draws=50)  # maskrcnn only, by default
+
+
 def test_identical_runs_are_not_resolved(crops, tmp_path):
     write_runs(crops, tmp_path / "runs", {"maskrcnn": [True, False], "stock": [True, False]})
     row = next(line for line in report(tmp_path / "runs", draws=100).splitlines() if line.startswith("| stock | +0"))
