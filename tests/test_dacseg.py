@@ -642,28 +642,26 @@ def test_gated_fusion_scales_stage2_by_the_classifier(base_model):
     torch.testing.assert_close(gated.mask, plain.mask)
 
 
+def _mask_loss(base_model, image, target, **config) -> torch.Tensor:
+    """The training ``loss_mask`` of a tiny DaCSeg with ``config``, the weights of ``base_model`` and one seed."""
+    torch.manual_seed(0)
+    model = make_fast(build_model(tiny_config(**config)))
+    model.load_state_dict(base_model.state_dict())
+    model.train()
+    torch.manual_seed(1)
+    return model([image], [target])["loss_mask"]
+
+
 def test_mask_weights_one_are_mask_rcnn_loss_and_more_weigh_the_crossing_and_the_neighbours(base_model):
     image, target = bars_sample(CROSSING_BARS)
-    losses = {}
-    for weight in (1.0, 5.0):
-        torch.manual_seed(0)
-        model = make_fast(build_model(tiny_config(crossing_mask_weight=weight)))
-        model.load_state_dict(base_model.state_dict())
-        model.train()
-        torch.manual_seed(1)
-        losses[weight] = model([image], [target])["loss_mask"]
+    losses = {weight: _mask_loss(base_model, image, target, crossing_mask_weight=weight) for weight in (1.0, 5.0)}
     assert losses[5.0] > losses[1.0]  # the crossing pixels weigh more (random heads miss them like any other)
     image, target = bars_sample([(40, 56, 20, 120), (70, 86, 50, 110)])
     target["masks"][0, 40:100, 20:36] = 1  # the first bar bent into an L whose box holds the second bar
     target["boxes"] = masks_to_boxes(target["masks"])
     image[:, target["masks"].bool().any(dim=0)] = 0.8
     for neighbour in (1.0, 5.0):
-        torch.manual_seed(0)
-        model = make_fast(build_model(tiny_config(neighbour_mask_weight=neighbour)))
-        model.load_state_dict(base_model.state_dict())
-        model.train()
-        torch.manual_seed(1)
-        losses["L", neighbour] = model([image], [target])["loss_mask"]
+        losses["L", neighbour] = _mask_loss(base_model, image, target, neighbour_mask_weight=neighbour)
     assert losses["L", 5.0] > losses["L", 1.0]  # the other bar's pixels in the L's RoIs
     from network_files.dacseg import overlap_targets, weighted_mask_loss  # noqa: PLC0415
     from torchvision.models.detection.roi_heads import maskrcnn_loss  # noqa: PLC0415
