@@ -159,21 +159,15 @@ def classifier_agreement(coco_gt: COCO, detections: Iterable[Mapping[str, Any]],
     truth; right when ``overlap_score >= overlap_thresh``), ``other_acc`` over the rest (right when below), with
     their counts and mean overlap scores. Every instance of every crop counts, focus or not. Detections without an
     ``overlap_score`` (a model without the classifier) give NaN."""
-    dets_by_key: dict[tuple[int, int], list[Mapping[str, Any]]] = defaultdict(list)
+    dets_by_image: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for d in detections:
-        if d["score"] >= score_thresh:
-            dets_by_key[d["image_id"], d["category_id"]].append(d)
+        dets_by_image[d["image_id"]].append(d)
     truth, said = [], []
-    for (image_id, category_id), dets in sorted(dets_by_key.items()):
-        gts = [a for a in coco_gt.imgToAnns.get(image_id, []) if a["category_id"] == category_id
-               and not a.get("iscrowd", 0)]
-        dets = sorted(dets, key=lambda d: -d["score"])
-        crowd = np.zeros(len(gts), dtype=bool)
-        matched, _ = match_detections(pairwise_iou(coco_gt, dets, gts, "segm", list(crowd)), crowd, 0.5)
-        for d, g in enumerate(matched):
-            if g >= 0 and "overlap_score" in dets[d]:
-                truth.append(bool(gts[g].get("overlapping", False)))
-                said.append(float(dets[d]["overlap_score"]))
+    for image_id, dets in sorted(dets_by_image.items()):
+        for det, gt, _ in focus_matches(coco_gt, image_id, dets, score_thresh, focus_only=False):
+            if "overlap_score" in det:
+                truth.append(bool(gt.get("overlapping", False)))
+                said.append(float(det["overlap_score"]))
     truth_array, scores = np.array(truth, dtype=bool), np.array(said, dtype=np.float64)
     crossing, other = scores[truth_array], scores[~truth_array]
     nan = float("nan")
@@ -188,16 +182,17 @@ def classifier_agreement(coco_gt: COCO, detections: Iterable[Mapping[str, Any]],
 
 
 def focus_matches(coco_gt: COCO, image_id: int, detections: Iterable[Mapping[str, Any]], score_thresh: float = 0.5,
-                  iou_thresh: float = 0.5) -> list[tuple[Mapping[str, Any], dict, float]]:
-    """The crop's focus instances that a detection (scoring >= ``score_thresh``) finds at mask IoU ``iou_thresh``,
-    matched as ``crop_scores`` matches them: ``(detection, instance, mask IoU)`` in instance order."""
+                  iou_thresh: float = 0.5, focus_only: bool = True) -> list[tuple[Mapping[str, Any], dict, float]]:
+    """The crop's focus instances (every instance with ``focus_only`` False) that a detection (scoring >=
+    ``score_thresh``) finds at mask IoU ``iou_thresh``, matched as ``crop_scores`` matches them: ``(detection,
+    instance, mask IoU)`` in instance order."""
     anns = [a for a in coco_gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
     out = []
     for category_id in sorted({a["category_id"] for a in anns}):
         gts = [a for a in anns if a["category_id"] == category_id]
         dets = sorted((d for d in detections if d["image_id"] == image_id and d["category_id"] == category_id
                        and d["score"] >= score_thresh), key=lambda d: -d["score"])[:MAX_DETECTIONS]
-        crowd = np.array([not g.get("focus", True) for g in gts], dtype=bool)
+        crowd = np.array([focus_only and not g.get("focus", True) for g in gts], dtype=bool)
         ious = pairwise_iou(coco_gt, dets, gts, "segm", list(crowd))
         matched, on_crowd = match_detections(ious, crowd, iou_thresh)
         out += [(dets[d], gts[g], float(ious[d, g])) for d, g in enumerate(matched) if g >= 0 and not on_crowd[d]]
