@@ -12,7 +12,9 @@ through its own forward. All three go through the same loop (``train_utils.engin
 ``train.py``'s optimizer and per-step schedule built by the engine (``setup.make_optimizer``,
 ``schedule.make_schedule``: SGD with the reference recipe's momentum and weight decay, linear warmup from 0.001x,
 cosine to 0, gradient norms clipped at 10), the same flips, and the same evaluation
-(``train_utils.evaluation.score.evaluate``). ``--save-dir`` writes each model with the engine's checkpoint writer,
+(``train_utils.evaluation.score.evaluate``). ``--models dacseg_shape`` is ``dacseg`` with the shape prior
+(``--shape-codebook PT``, built from the train split by ``tools/build_shape_codebook.py``), for its ablation;
+``--save-dir`` writes each model with the engine's checkpoint writer,
 so it is a ``train.py`` checkpoint.
 
 The budget is optimizer steps (``--budget-iters``) or wall-clock seconds of training (``--budget-s``): with seconds,
@@ -56,7 +58,8 @@ from train_utils.cli import ArgumentParser, LossWeightsAction, loss_weight_arg, 
 from train_utils.stain import BRIGHT_ON_DARK  # noqa: E402
 from transforms import get_transform  # noqa: E402
 
-MODELS = ("stock", "maskrcnn", "dacseg")
+MODELS = ("stock", "maskrcnn", "dacseg", "dacseg_shape")
+DEFAULT_MODELS = ("stock", "maskrcnn", "dacseg")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bioimlab"
 
 
@@ -77,6 +80,7 @@ class Preset:
     amp: bool = False
     overlap_cls_head: str = "conv"
     loss_weights: tuple[tuple[str, float], ...] = ()  # (loss name, weight) pairs as train.py --loss-weights takes
+    shape_codebook: str | None = None  # dacseg_shape's codebook (tools/build_shape_codebook.py, train split only)
 
 
 PRESETS = {
@@ -131,6 +135,20 @@ def prepare_data(source: Path, work: Path) -> Path:
     return work
 
 
+def model_config(name: str, preset: Preset, num_classes: int) -> ModelConfig:
+    """Our model's config for a bench model name: ``dacseg_shape`` is ``dacseg`` with the preset's shape codebook;
+    ``stock``'s modules are our ``maskrcnn``'s."""
+    shape_prior = None
+    if name == "dacseg_shape":
+        if preset.shape_codebook is None:
+            raise SystemExit("bench_accuracy.py: error: dacseg_shape needs --shape-codebook PT "
+                             "(tools/build_shape_codebook.py on the train split)")
+        shape_prior = preset.shape_codebook
+    return ModelConfig(name={"stock": "maskrcnn", "dacseg_shape": "dacseg"}.get(name, name), num_classes=num_classes,
+                       min_size=preset.min_size, max_size=preset.max_size, rois_per_image=preset.rois_per_image,
+                       overlap_cls_head=preset.overlap_cls_head, shape_prior=shape_prior)
+
+
 def make_model(name: str, preset: Preset, num_classes: int) -> torch.nn.Module:
     """Stock torchvision's Mask R-CNN, or ours as ``train.py`` builds it from scratch."""
     if name == "stock":
@@ -138,9 +156,7 @@ def make_model(name: str, preset: Preset, num_classes: int) -> torch.nn.Module:
             weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=preset.min_size,
             max_size=preset.max_size, box_batch_size_per_image=preset.rois_per_image)
     else:
-        config = ModelConfig(name=name, num_classes=num_classes, min_size=preset.min_size, max_size=preset.max_size,
-                             rois_per_image=preset.rois_per_image, overlap_cls_head=preset.overlap_cls_head)
-        model = build_model(resolve_config(config, pretrained=False))
+        model = build_model(resolve_config(model_config(name, preset, num_classes), pretrained=False))
     # crops are trained at the original scale; torchvision's transform has this switch for training only
     model.transform._skip_resize = preset.crop_size is not None
     return model
@@ -223,9 +239,7 @@ def save_trained(model: torch.nn.Module, name: str, seed: int, training: Trainin
     """The trained model as a ``train.py`` checkpoint (the engine's writer; ``epoch`` holds the optimizer steps)
     that ``validation.py``, ``predict.py`` and ``bench_infer.py`` read (stock's modules are our ``maskrcnn``'s, so it
     is saved as one)."""
-    config = ModelConfig(name="maskrcnn" if name == "stock" else name, num_classes=dataset.num_classes,
-                         min_size=preset.min_size, max_size=preset.max_size, rois_per_image=preset.rois_per_image,
-                         overlap_cls_head=preset.overlap_cls_head)
+    config = model_config(name, preset, dataset.num_classes)
     record = {"bench": "bench_accuracy", "model": name, "seed": seed, "opt": training.settings.name,
               "preset": dataclasses.asdict(preset)}
     state = training_state(model, training.optimizer, training.lr_scheduler, training.scaler, training.steps,
@@ -301,7 +315,8 @@ def format_ratios(outcomes: list[Outcome]) -> str:
 
     picks = {"AP": 0, "AP50": 1, "ovl AP": 6, "ovl R": 7, "img/s": len(COLUMNS)}
     lines = []
-    for top, bottom in (("maskrcnn", "stock"), ("dacseg", "stock"), ("dacseg", "maskrcnn")):
+    for top, bottom in (("maskrcnn", "stock"), ("dacseg", "stock"), ("dacseg", "maskrcnn"),
+                        ("dacseg_shape", "dacseg")):
         parts = []
         for label, index in picks.items():
             a, b = mean(top, index), mean(bottom, index)
@@ -318,7 +333,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="settings (default: %(default)s)")
     parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA,
                         help="BioImLab labelme root or a COCO-layout root (default: %(default)s)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to train")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS),
+                        help="models to train (default: %(default)s; dacseg_shape is dacseg with --shape-codebook)")
     parser.add_argument("--seeds", nargs="+", type=number_arg(int, low=0), default=[0], help="seeds; several print the spread")
     parser.add_argument("--budget-iters", type=number_arg(int, low=1), default=None, help="optimizer steps (overrides the preset)")
     parser.add_argument("--budget-s", type=number_arg(float, 0.0, low_open=True), default=None, help="training seconds (overrides the preset)")
@@ -326,6 +342,8 @@ def get_args_parser() -> ArgumentParser:
                         help="dacseg's overlap classifier (overrides the preset's conv), for ablations")
     parser.add_argument("--loss-weights", type=loss_weight_arg, nargs="+", action=LossWeightsAction,
                         default={}, metavar="NAME=W", help="loss weights as train.py takes them, for ablations (default: 1 each)")
+    parser.add_argument("--shape-codebook", type=Path, default=None, metavar="PT",
+                        help="dacseg_shape's shape codebook (tools/build_shape_codebook.py), built from train only")
     parser.add_argument("--train-images", type=number_arg(int, low=1), default=None, help="train on the first N images only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=2, help="data-loading processes (default: 2)")
@@ -346,6 +364,13 @@ def preset_from_args(args) -> Preset:
         overrides["overlap_cls_head"] = args.overlap_cls_head
     if args.loss_weights:
         overrides["loss_weights"] = tuple(sorted(args.loss_weights.items()))
+    if args.shape_codebook is not None:
+        if not args.shape_codebook.is_file():
+            raise SystemExit(f"bench_accuracy.py: error: --shape-codebook {args.shape_codebook}: no such file")
+        overrides["shape_codebook"] = str(args.shape_codebook)
+    elif "dacseg_shape" in args.models:
+        raise SystemExit("bench_accuracy.py: error: --models dacseg_shape needs --shape-codebook PT "
+                         "(tools/build_shape_codebook.py on the train split)")
     return dataclasses.replace(PRESETS[args.preset], **overrides)
 
 

@@ -86,19 +86,35 @@ def test_prepare_data_refuses_a_folder_without_splits(tmp_path):
         bench.prepare_data(tmp_path, tmp_path / "work")
 
 
-@pytest.mark.parametrize("name", ["stock", "dacseg"])
+def test_dacseg_shape_needs_an_existing_codebook_and_says_so_in_one_line(tmp_path):
+    for argv, says in ((["--models", "dacseg", "dacseg_shape"], "dacseg_shape needs --shape-codebook PT"),
+                       (["--models", "dacseg_shape", "--shape-codebook", str(tmp_path / "gone.pt")],
+                        f"--shape-codebook {tmp_path / 'gone.pt'}: no such file")):
+        with pytest.raises(SystemExit, match=says) as error:
+            bench.preset_from_args(bench.get_args_parser().parse_args(argv))
+        assert "\n" not in str(error.value)
+    with pytest.raises(SystemExit, match="needs --shape-codebook"):
+        bench.make_model("dacseg_shape", bench.PRESETS["cpu"], 1)
+    assert "dacseg_shape" not in bench.get_args_parser().parse_args([]).models
+
+
+@pytest.mark.parametrize("name", ["stock", "dacseg", "dacseg_shape"])
 def test_trained_models_are_saved_as_checkpoints_predict_can_read(name, tiny_coco, tmp_path):
+    from tests.test_shape_prior import write_codebook
     from train_utils.engine.checkpoint import load_model_from_checkpoint
 
+    codebook = str(write_codebook(tmp_path / "codebook.pt")) if name == "dacseg_shape" else None
     preset = bench.Preset(batch_size=1, lr=0.01, budget_iters=1, budget_s=None, warmup_iters=1, min_size=128,
-                          max_size=160, rois_per_image=16)
+                          max_size=160, rois_per_image=16, shape_codebook=codebook)
     val = ChromosomeDataset(tiny_coco, "val")
     torch.manual_seed(0)
     model = bench.make_model(name, preset, val.num_classes)
     path = bench.save_trained(model, name, 3, bench.new_training(model, preset, torch.device("cpu"), 1), preset, val,
                               tmp_path)
     loaded, config, checkpoint = load_model_from_checkpoint(path)
-    assert path.name == f"{name}_seed3.pth" and config.name == ("maskrcnn" if name == "stock" else name)
+    assert path.name == f"{name}_seed3.pth"
+    assert config.name == {"stock": "maskrcnn", "dacseg_shape": "dacseg"}.get(name, name)
+    assert (config.shape_prior is not None) == (name == "dacseg_shape")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert checkpoint["label_to_cat_id"] == val.label_to_cat_id and (config.min_size, config.max_size) == (128, 160)
     # the engine's writer: a train.py checkpoint, optimizer and schedule states included
