@@ -35,11 +35,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torchvision
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -250,13 +251,40 @@ def save_trained(model: torch.nn.Module, name: str, seed: int, training: Trainin
     return path
 
 
+def model_scale(preset: Preset, dataset: ChromosomeDataset) -> float:
+    """The factor the model's resize applies to the dataset's median image (torchvision's rule: the shorter side to
+    ``min_size`` unless the longer one would pass ``max_size``): 1.0 for 768x576 at min-size 576, 1.389 at 800."""
+    infos = [dataset.coco.imgs[i] for i in dataset.ids]
+    short = statistics.median(min(info["width"], info["height"]) for info in infos)
+    long = statistics.median(max(info["width"], info["height"]) for info in infos)
+    return min(preset.min_size / short, preset.max_size / long)
+
+
+def train_transform(preset: Preset, scale: float) -> Callable:
+    """Flips (and the preset's random crop at the original scale); a crop is then resized by ``scale``, the factor
+    the model applies to whole images, so training sees chromosomes at the size they are scored at."""
+    crop = get_transform("flip", train=True, crop_size=preset.crop_size)
+    if preset.crop_size is None or abs(scale - 1.0) < 1e-6:
+        return crop
+    resize = v2.Resize(round(preset.crop_size * scale))  # crops are square
+
+    def crop_then_resize(image, target):
+        return resize(*crop(image, target))
+
+    return crop_then_resize
+
+
 def run_one(name: str, seed: int, preset: Preset, data: Path, device: torch.device, workers: int,
             save_dir: Path | None = None) -> Outcome:
     wall = time.perf_counter()
-    train_ds = ChromosomeDataset(data, "train", transforms=get_transform("flip", train=True,
-                                                                          crop_size=preset.crop_size))
+    train_ds = ChromosomeDataset(data, "train")
     if preset.train_images is not None:
         train_ds.ids = train_ds.ids[:preset.train_images]
+    scale = model_scale(preset, train_ds)
+    train_ds.transforms = train_transform(preset, scale)
+    if preset.crop_size is not None and abs(scale - 1.0) >= 1e-6:
+        print(f"# {name} seed {seed}: {preset.crop_size} px training crops resized x{scale:.3f} (min-size "
+              f"{preset.min_size}, max-size {preset.max_size})", flush=True)
     val_ds = ChromosomeDataset(data, "val", transforms=get_transform("none", train=False))
     seed_everything(seed, 0, 0)
     model = make_model(name, preset, val_ds.num_classes).to(device)
@@ -344,6 +372,11 @@ def get_args_parser() -> ArgumentParser:
                         default={}, metavar="NAME=W", help="loss weights as train.py takes them, for ablations (default: 1 each)")
     parser.add_argument("--shape-codebook", type=Path, default=None, metavar="PT",
                         help="dacseg_shape's shape codebook (tools/build_shape_codebook.py), built from train only")
+    parser.add_argument("--min-size", type=number_arg(int, low=32), default=None,
+                        help="the model's min size (overrides the preset's; the cpu preset's crops are resized by "
+                             "the factor it gives whole images), for the input-scale study")
+    parser.add_argument("--max-size", type=number_arg(int, low=32), default=None,
+                        help="the model's max size (overrides the preset's)")
     parser.add_argument("--train-images", type=number_arg(int, low=1), default=None, help="train on the first N images only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-j", "--workers", type=number_arg(int, low=0), default=2, help="data-loading processes (default: 2)")
@@ -360,6 +393,9 @@ def preset_from_args(args) -> Preset:
         overrides.update(budget_iters=args.budget_iters, budget_s=args.budget_s)
     if args.train_images is not None:
         overrides["train_images"] = args.train_images
+    for size in ("min_size", "max_size"):
+        if getattr(args, size) is not None:
+            overrides[size] = getattr(args, size)
     if args.overlap_cls_head is not None:
         overrides["overlap_cls_head"] = args.overlap_cls_head
     if args.loss_weights:

@@ -294,6 +294,102 @@ def time_configurations(args, ours, config, images, coco) -> tuple[list[tuple], 
     return rows, stock_timing
 
 
+def _stage_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The stages of a torchvision ``GeneralizedRCNN`` that ``--profile`` times: its resize, backbone (ResNet and
+    FPN) and RPN, and each module of its RoI heads (box branch, mask branch, DaCSeg's overlap modules)."""
+    stages = {"transform": model.transform, "backbone": model.backbone, "rpn": model.rpn}
+    stages.update({f"roi_heads.{name}": child for name, child in model.roi_heads.named_children()})
+    return stages
+
+
+def stage_profile(model: torch.nn.Module, images: list[torch.Tensor], repeats: int = 1
+                  ) -> list[tuple[str, float, float]]:
+    """Where our path spends an image: per stage (``_stage_modules``; ``roi_heads, the rest`` is box decoding and
+    NMS between the RoI heads' modules; ``pasting and the rest`` what ``detect`` does after the model), the median
+    over images and ``repeats`` rounds of its seconds, and its GFLOP per image (``torch.utils.flop_counter``, two
+    per multiply-add), as (stage, seconds, GFLOP) rows with the total last."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stages = _stage_modules(model)
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+    handles = []
+    for name, module in [*stages.items(), ("roi_heads", model.roi_heads)]:
+        handles.append(module.register_forward_pre_hook(lambda *_, n=name: started.__setitem__(n, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda *_, n=name: spent.__setitem__(n, spent.get(n, 0.0) + time.perf_counter() - started[n])))
+    per_image: dict[str, list[float]] = {}
+    try:
+        for _ in range(repeats):
+            for image in images:
+                spent.clear()
+                _, seconds = predict_image(model, image, "cpu")
+                inner = {name: spent.get(name, 0.0) for name in stages}
+                heads = spent.get("roi_heads", 0.0)
+                inner["roi_heads, the rest"] = heads - sum(v for k, v in inner.items() if k.startswith("roi_heads."))
+                inner["pasting and the rest"] = seconds - sum(spent.get(k, 0.0) for k in
+                                                              ("transform", "backbone", "rpn", "roi_heads"))
+                inner["total"] = seconds
+                for name, value in inner.items():
+                    per_image.setdefault(name, []).append(value)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with FlopCounterMode(display=False) as counter:
+        predict_image(model, images[0], "cpu")
+    counts = counter.get_flop_counts()  # keyed by module path from the class of each module detect calls
+    heads = type(model.roi_heads).__name__
+
+    def gflop(name: str) -> float:
+        key = {"total": "Global"}.get(name) or (f"{heads}.{name.split('.', 1)[1]}" if name.startswith("roi_heads.")
+                                                else type(stages[name]).__name__)
+        return sum(counts.get(key, {}).values()) / 1e9
+
+    return [(name, statistics.median(values), gflop(name) if "the rest" not in name else float("nan"))
+            for name, values in per_image.items()]
+
+
+def float32_rate(seconds: float = 2.0) -> dict[str, float]:
+    """The machine's measured float32 GFLOP/s at the current thread count: a 2048x2048 matmul and a 3x3 256-channel
+    convolution at a 1/8-scale feature map of a 1067x800 input (channels-last), each the best of repeated runs
+    within about ``seconds``."""
+    def best(fn: Callable[[], Any], flop: float) -> float:
+        fn()
+        times, deadline = [], time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline or len(times) < 3:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return flop / min(times) / 1e9
+
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 256, 100, 136).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return {"matmul": best(lambda: a @ b, 2 * 2048 ** 3),
+                "conv3x3": best(lambda: conv(x), 2 * 256 * 256 * 9 * 100 * 136)}
+
+
+def print_profile(args, ours: torch.nn.Module, images: list[torch.Tensor]) -> None:
+    """``--profile``: the stage table of our path at predict's CPU default (channels-last), with each stage's rate,
+    the machine's float32 rates, and the time the counted work would take at the best of them."""
+    keep_detections(ours, args.detections)
+    apply_speedups(ours, Speedups(channels_last=True))
+    predict_image(ours, images[0], "cpu")  # untimed
+    rows = stage_profile(ours, images, args.repeats)
+    rates = float32_rate()
+    print(f"| stage (channels-last, {args.detections} detections) | s/image | share | GFLOP/image | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    total_s, total_gflop = rows[-1][1], rows[-1][2]
+    for name, seconds, gflop in rows:
+        rate = f"{gflop / seconds:.0f}" if gflop == gflop and seconds > 0 and gflop > 0 else "-"
+        work = f"{gflop:.1f}" if gflop == gflop else "-"
+        print(f"| {name} | {seconds:.3f} | {seconds / total_s:.0%} | {work} | {rate} |")
+    peak = max(rates.values())
+    print(f"# float32 rate here: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
+          + f"; the {total_gflop:.1f} GFLOP of an image take at least {total_gflop / peak:.3f} s at {peak:.0f} GFLOP/s")
+
+
 def stock_folder(model: torch.nn.Module, files: list[Path], out_dir: Path) -> int:
     """The plain loop over stock torchvision for ``--folder``: read, forward, overlay PNG, then the results as COCO
     JSON with pycocotools RLE; returns the number of detections written."""
@@ -386,6 +482,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the backbone and FPN")
     parser.add_argument("--rpn-proposals", nargs="*", type=number_arg(int, low=1), default=[], metavar="N",
                         help="also time these test-time RPN proposal counts (default 1000)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: where our path spends an image, stage by stage, against the float32 rate")
     parser.add_argument("--folder", type=number_arg(int, low=1), default=None, metavar="N",
                         help="instead: N image files end to end, predict_files against a stock loop (images/s)")
     return parser
@@ -423,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_infer: {config.name} ({config.backbone}, {weights}), {len(images)} image(s) of {size}, "
           f"min-size {config.min_size}, {kept}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {backend_versions()}; load average {load_text()}", flush=True)
+    if args.profile:
+        print_profile(args, ours, images)
+        print(f"# load average at the end: {load_text()}")
+        return 0
     if args.folder:
         folder_throughput(args, ours, config, paths)
         print(f"# load average at the end: {load_text()}")

@@ -121,3 +121,26 @@ def test_trained_models_are_saved_as_checkpoints_predict_can_read(name, tiny_coc
     assert list(checkpoint) == ["model", "optimizer", "lr_scheduler", "lr_schedule", "scaler", "epoch", "args",
                                 "model_config", "label_names", "label_to_cat_id", "rng_state", "best_segm_ap", "stain"]
     assert checkpoint["args"]["seed"] == 3 and checkpoint["args"]["opt"] == "sgd"
+
+
+def test_training_crops_are_resized_by_the_factor_the_model_gives_whole_images(tiny_coco):
+    dataset = ChromosomeDataset(tiny_coco, "train")  # 160x128 images
+    native = dataclasses.replace(bench.PRESETS["cpu"], min_size=128, max_size=160, crop_size=96)
+    enlarged = dataclasses.replace(native, min_size=192, max_size=1333)
+    capped = dataclasses.replace(native, min_size=192, max_size=200)  # the longer side stops it at 200 / 160
+    assert bench.model_scale(native, dataset) == 1.0
+    assert bench.model_scale(enlarged, dataset) == 1.5 and bench.model_scale(capped, dataset) == 1.25
+    torch.manual_seed(0)
+    dataset.transforms = bench.train_transform(native, 1.0)  # the native preset: the crop as it was
+    assert dataset[0][0].shape[-2:] == (96, 96)
+    dataset.transforms = bench.train_transform(enlarged, 1.5)
+    image, target = dataset[0]
+    assert image.shape[-2:] == (144, 144) and target["masks"].shape[-2:] == (144, 144)
+    for mask, box in zip(target["masks"].bool(), target["boxes"]):  # boxes scaled with their masks
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert abs(float(box[0]) - float(xs.min())) <= 1.5 and abs(float(box[3]) - float(ys.max() + 1)) <= 1.5
+
+
+def test_size_flags_override_the_preset():
+    preset = bench.preset_from_args(bench.get_args_parser().parse_args(["--min-size", "800", "--max-size", "1333"]))
+    assert (preset.min_size, preset.max_size) == (800, 1333) and preset.crop_size == bench.PRESETS["cpu"].crop_size
