@@ -68,14 +68,15 @@ from tools.labelme2coco import convert_labelme  # noqa: E402
 from train_utils.cli import ArgumentParser, expand_inputs, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from train_utils.evaluation.coco_eval import evaluate_results  # noqa: E402
-from train_utils.inference.detect import LEVERS, Speedups, apply_speedups, prepare_model  # noqa: E402
+from train_utils.inference.detect import Speedups, apply_speedups, prepare_model  # noqa: E402
 from train_utils.inference.exported import OnnxDetector, OpenVinoDetector, OrtOptions  # noqa: E402
 from train_utils.jobs.predict import PredictOptions, label_maps, predict_files, predict_image  # noqa: E402
 from train_utils.outputs.predictions import outputs_to_coco_results  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bioimlab"
 LEVER_SETS = {"fp32": (), "bf16": ("bf16",), "channels_last": ("channels_last",), "no_upscale": ("no_upscale",),
-              "bf16+channels_last": ("bf16", "channels_last"), "all": LEVERS}
+              "bf16+channels_last": ("bf16", "channels_last"), "openvino": ("openvino",),
+              "all": ("bf16", "channels_last", "no_upscale")}
 Runner = Callable[[torch.Tensor], tuple[dict[str, Any], float]]  # one image -> (our outputs, seconds)
 
 
@@ -225,7 +226,8 @@ def exported_runner(make: Callable[[], Any], config: ModelConfig) -> Iterator[Ru
 def configurations(args, ours: torch.nn.Module, config: ModelConfig
                    ) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
     """Name -> a function that sets one configuration up, as a context manager yielding its runner."""
-    found: dict[str, Callable] = {name: (lambda n=name: lever_runner(ours, LEVER_SETS[n])) for name in args.levers}
+    found: dict[str, Callable] = {name: (lambda n=name: lever_runner(ours, LEVER_SETS[n]))
+                                  for name in args.levers or ("fp32", "bf16")}
     if args.compile:
         found["compile (inductor, freezing)"] = lambda: compile_runner(ours)
     for count in args.rpn_proposals:
@@ -415,21 +417,28 @@ def stock_folder(model: torch.nn.Module, files: list[Path], out_dir: Path) -> in
     return len(results)
 
 
-def our_folder(model: torch.nn.Module, config: ModelConfig, files: list[Path], out_dir: Path) -> int:
-    """``predict_files`` for ``--folder`` (its per-image lines silenced); returns the number of detections written."""
+def our_folder(model: torch.nn.Module, config: ModelConfig, files: list[Path], out_dir: Path,
+               speedups: Speedups) -> int:
+    """``predict_files`` for ``--folder`` with ``speedups`` (its per-image lines silenced); returns the number of
+    detections written."""
     names, to_cat = label_maps({}, config)
+    apply_speedups(model, speedups)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         return predict_files(model, files, out_dir, names, to_cat, "cpu", PredictOptions()).num_detections
 
 
 def folder_throughput(args, ours: torch.nn.Module, config: ModelConfig, paths: list[Path]) -> None:
-    """``--folder N``: images/s of ``predict_files`` and of the stock loop over the same N files, alternated."""
+    """``--folder N``: images/s of ``predict_files`` (predict.py's CPU default, channels-last, and each lever set in
+    ``--levers``, on top of it) and of the stock loop over the same N files, alternated."""
     stock = stock_model(ours, config)
     for model in (ours, stock):
         keep_detections(model, args.detections, args.score_thresh)
-    apply_speedups(ours, Speedups(channels_last=True))  # predict.py's default on the CPU
-    runs = {"ours (predict_files)": lambda files, out: our_folder(ours, config, files, out),
-            "stock loop": lambda files, out: stock_folder(stock, files, out)}
+    runs = {"ours (predict_files)": lambda files, out: our_folder(ours, config, files, out,
+                                                                  Speedups(channels_last=True))}
+    for name in args.levers or ():
+        levers = Speedups.from_names(sorted({"channels_last", *LEVER_SETS[name]}))
+        runs[f"ours (predict_files, {name})"] = lambda files, out, s=levers: our_folder(ours, config, files, out, s)
+    runs["stock loop"] = lambda files, out: stock_folder(stock, files, out)
     with tempfile.TemporaryDirectory(prefix="bench_folder_") as tmp:
         work = Path(tmp)
         (work / "in").mkdir()
@@ -451,8 +460,10 @@ def folder_throughput(args, ours: torch.nn.Module, config: ModelConfig, paths: l
     print("|---|---|---|")
     for name in runs:
         print(f"| {name} | {statistics.median(rates[name]):.3f} | {found[name]} |")
-    ours_rate, stock_rate = (statistics.median(rates[name]) for name in runs)
-    print(f"# ours / stock: {ours_rate / stock_rate:.2f}x images/s")
+    stock_rate = statistics.median(rates["stock loop"])
+    for name in runs:
+        if name != "stock loop":
+            print(f"# {name} / stock: {statistics.median(rates[name]) / stock_rate:.2f}x images/s")
 
 
 def get_args_parser() -> ArgumentParser:
@@ -470,7 +481,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--num-images", type=number_arg(int, low=1), default=6)
     parser.add_argument("--detections", type=number_arg(int, low=1), default=50, help="kept per image")
     parser.add_argument("--repeats", type=number_arg(int, low=1), default=3)
-    parser.add_argument("--levers", nargs="+", choices=sorted(LEVER_SETS), default=["fp32", "bf16"])
+    parser.add_argument("--levers", nargs="+", choices=sorted(LEVER_SETS), default=None,
+                        help="lever sets to time (default: fp32 bf16; with --folder, none besides predict's default)")
     parser.add_argument("--threads", type=number_arg(int, low=1), default=None)
     parser.add_argument("--score-thresh", type=number_arg(float, 0.0, 1.0), default=0.5)
     parser.add_argument("--min-iou", type=number_arg(float, 0.0, 1.0), default=0.98)

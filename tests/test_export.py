@@ -71,7 +71,7 @@ def test_predict_refuses_overlap_maps_from_an_exported_model(tiny_coco, tmp_path
     assert export.main(["--weights-path", str(make_checkpoint(tmp_path / "d.pth", "dacseg")), "--out",
                         str(onnx_file)]) == 0
     capsys.readouterr()
-    for flag in ("--save-overlap-maps", "--bf16", "--no-upscale"):  # an exported model runs as it was exported
+    for flag in ("--save-overlap-maps", "--bf16", "--no-upscale", "--openvino"):  # runs as it was exported
         assert predict.main(["--weights-path", str(onnx_file), str(tiny_coco / "images" / "val_001.png"),
                              "--output-dir", str(tmp_path / "p"), flag]) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {flag}: ")

@@ -126,6 +126,14 @@ def test_overlap_maps_of_a_maskrcnn_checkpoint_are_refused(tiny_coco, maskrcnn_c
     assert not (tmp_path / "pred").exists()
 
 
+def test_openvino_with_bf16_is_refused_in_one_line(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
+    assert run(maskrcnn_ckpt, tmp_path / "pred", tiny_coco / "images" / "val_001.png",
+               extra=("--openvino", "--bf16")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --openvino runs float32; it does not combine with --bf16"]
+    assert not (tmp_path / "pred").exists()
+
+
 def test_an_unreadable_image_is_reported_and_the_others_predicted(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

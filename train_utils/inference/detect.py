@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -18,9 +18,10 @@ from torchvision.models.detection.transform import resize_boxes
 from errors import UserError
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
+from train_utils.inference.openvino_modules import use_openvino
 from train_utils.masks import as_box_masks, paste_roi_masks
 
-LEVERS = ("bf16", "channels_last", "no_upscale")
+LEVERS = ("bf16", "channels_last", "no_upscale", "openvino")
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,13 @@ class Speedups:
     """Inference levers (``bench/bench_infer.py`` measures each): ``bf16`` runs the backbone (ResNet and FPN, most
     of the work) under bfloat16 autocast, fast on CPUs with AVX-512 BF16 or AMX, while the RPN and the heads stay in
     float32; ``channels_last`` stores the backbone's activations NHWC; ``no_upscale`` runs an image that already
-    fits the model's size range at its own size instead of enlarging it to ``min_size``."""
+    fits the model's size range at its own size instead of enlarging it to ``min_size``; ``openvino`` runs the
+    backbone, the RPN head and the mask head with OpenVINO in float32 on the CPU (``inference.openvino_modules``)."""
 
     bf16: bool = False
     channels_last: bool = False
     no_upscale: bool = False
+    openvino: bool = False
 
     @classmethod
     def from_names(cls, names: Sequence[str]) -> "Speedups":
@@ -43,8 +46,12 @@ class Speedups:
 
 
 def apply_speedups(model: torch.nn.Module, speedups: Speedups) -> torch.nn.Module:
-    """Set ``model``'s inference levers (all off with ``Speedups()``) and return it; ``detect`` reads them."""
+    """Set ``model``'s inference levers (all off with ``Speedups()``) and return it; ``detect`` reads them. A model
+    whose modules OpenVINO cannot run here keeps PyTorch's, and ``model.speedups.openvino`` says False."""
     if isinstance(model, GeneralizedRCNN):
+        if speedups.openvino and speedups.bf16:
+            raise UserError("--openvino runs float32; it does not combine with --bf16")
+        speedups = replace(speedups, openvino=use_openvino(model, speedups.openvino))
         model.to(memory_format=torch.channels_last if speedups.channels_last else torch.contiguous_format)
     model.speedups = speedups
     return model

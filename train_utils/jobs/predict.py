@@ -377,7 +377,7 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     device = args.device
     if is_exported(args.weights_path):
         for flag, used in (("--save-overlap-maps", args.save_overlap_maps), ("--bf16", args.bf16),
-                           ("--no-upscale", args.no_upscale)):
+                           ("--no-upscale", args.no_upscale), ("--openvino", args.openvino)):
             if used:
                 raise UserError(f"{flag}: {args.weights_path} is an exported model, which runs as it was exported")
         model, config, checkpoint = load_exported_model(args.weights_path, args.threads)
@@ -398,8 +398,11 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     except OSError as exc:
         raise UserError(str(exc)) from None
     prepare_model(model, config, args.score_thresh, overlap_maps=args.save_overlap_maps)
-    apply_speedups(model, Speedups(bf16=args.bf16, channels_last=torch.device(device).type == "cpu",
-                                   no_upscale=args.no_upscale))
+    on_cpu = torch.device(device).type == "cpu"
+    if args.openvino and not on_cpu:
+        raise UserError(f"--openvino runs on the CPU; drop it or use --device cpu (not {device})")
+    apply_speedups(model, Speedups(bf16=args.bf16, channels_last=on_cpu, no_upscale=args.no_upscale,
+                                   openvino=args.openvino))
     if args.tta:
         model = FlipTTA(model, score_thresh=args.score_thresh, mask_thresh=args.mask_thresh).eval()
     polarity = stain.checkpoint_polarity(checkpoint, args.weights_path, args.stain)
