@@ -13,7 +13,7 @@ from errors import UserError
 from network_files import ModelConfig, build_model
 from train_utils.inference import openvino_modules
 from train_utils.inference.detect import Speedups, apply_speedups, detect, prepare_model
-from train_utils.inference.openvino_modules import CONVERTED, OpenVinoModule, use_openvino
+from train_utils.inference.openvino_modules import OpenVinoModule, converted_paths, use_openvino
 
 
 def tiny_model(name: str) -> tuple[torch.nn.Module, ModelConfig]:
@@ -38,7 +38,7 @@ def converted(request) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def test_openvino_modules_give_pytorchs_detections_at_any_image_size(converted):
     model, reference = converted
-    assert model.speedups.openvino and all(isinstance(model.get_submodule(p), OpenVinoModule) for p in CONVERTED)
+    assert model.speedups.openvino and all(isinstance(model.get_submodule(p), OpenVinoModule) for p in converted_paths(model))
     for size in ((128, 160), (100, 150)):
         image = torch.rand(3, *size, generator=torch.Generator().manual_seed(size[0]))
         expected, found = detect(reference, [image], None)[0], detect(model, [image], None)[0]
@@ -66,7 +66,7 @@ def test_the_pytorch_modules_come_back_and_the_state_dict_is_the_models(converte
     apply_speedups(model, Speedups())
     try:
         assert not model.speedups.openvino and list(model.state_dict()) == keys
-        assert not any(isinstance(model.get_submodule(p), OpenVinoModule) for p in CONVERTED)
+        assert not any(isinstance(model.get_submodule(p), OpenVinoModule) for p in converted_paths(model))
         image = torch.rand(3, 128, 160)
         assert torch.equal(detect(model, [image])[0]["scores"], detect(reference, [image])[0]["scores"])
     finally:
@@ -103,3 +103,11 @@ def test_openvino_does_not_combine_with_bf16():
     model, _ = tiny_model("maskrcnn")
     with pytest.raises(UserError, match="--openvino runs float32; it does not combine with --bf16"):
         apply_speedups(model, Speedups(openvino=True, bf16=True))
+
+
+def test_the_converted_modules_are_the_backbone_rpn_head_and_every_stack_of_roi_convolutions():
+    assert converted_paths(tiny_model("maskrcnn")[0]) == ["backbone", "rpn.head", "roi_heads.mask_head"]
+    assert converted_paths(tiny_model("dacseg")[0]) == [
+        "backbone", "rpn.head", "roi_heads.mask_head", "roi_heads.overlap_head.overlap.conv_in",
+        "roi_heads.overlap_head.overlap.convs", "roi_heads.overlap_head.overlap_else.conv_in",
+        "roi_heads.overlap_head.overlap_else.convs"]
