@@ -307,8 +307,8 @@ def _stage_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def stage_profile(model: torch.nn.Module, images: list[torch.Tensor], repeats: int = 1
                   ) -> list[tuple[str, float, float]]:
     """Where our path spends an image: per stage (``_stage_modules``; ``roi_heads, the rest`` is box decoding and
-    NMS between the RoI heads' modules; ``pasting and the rest`` what ``detect`` does after the model), the median
-    over images and ``repeats`` rounds of its seconds, and its GFLOP per image (``torch.utils.flop_counter``, two
+    NMS between the RoI heads' modules; ``pasting and the rest`` what ``detect`` does after the model), the mean
+    over images and ``repeats`` rounds of its seconds (means, so the stages add up to the total), and its GFLOP per image (``torch.utils.flop_counter``, two
     per multiply-add), as (stage, seconds, GFLOP) rows with the total last."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -345,9 +345,11 @@ def stage_profile(model: torch.nn.Module, images: list[torch.Tensor], repeats: i
     def gflop(name: str) -> float:
         key = {"total": "Global"}.get(name) or (f"{heads}.{name.split('.', 1)[1]}" if name.startswith("roi_heads.")
                                                 else type(stages[name]).__name__)
+        if key not in counts and name in ("total", "backbone"):  # these always count work; a missing key is a bug
+            raise KeyError(f"FlopCounterMode counted no {key!r}; it counted {sorted(counts)}")
         return sum(counts.get(key, {}).values()) / 1e9
 
-    return [(name, statistics.median(values), gflop(name) if "the rest" not in name else float("nan"))
+    return [(name, statistics.fmean(values), gflop(name) if "the rest" not in name else float("nan"))
             for name, values in per_image.items()]
 
 
