@@ -13,7 +13,8 @@ with the same weights (our ``maskrcnn`` has stock's modules, so its state dict l
 gets the Mask R-CNN part; a ``maskrcnn`` on another backbone is torchvision's ``MaskRCNN`` already, and stock is a
 copy of it run by torchvision's own forward). Both keep exactly ``--detections`` detections per image (score
 threshold 0), so both paste the same number of masks. Runs are interleaved image by image (ours, stock, ours, ...)
-after one untimed call per input size, and each configuration's time is the median over ``--repeats`` rounds of the
+after one untimed call per input size (the first-call column also gives each configuration's setup: OpenVINO's
+conversion, for instance), and each configuration's time is the median over ``--repeats`` rounds of the
 mean seconds per image.
 
 Each configuration is also compared with our plain float32 path on the same images: how many of the detections
@@ -24,7 +25,8 @@ IoU of the matched pairs, and how many of those stay below ``--min-iou``; on Bio
 
 More configurations: ``--compile`` (``torch.compile`` of the backbone and FPN with inductor and freezing, on top of
 channels-last; the untimed first call per input size pays the compilation and is printed); ``--rpn-proposals N ...``
-(the RPN's test-time proposals kept before and after NMS, 1000 by default; channels-last); ``--onnx FILE`` (the
+(the RPN's test-time proposals kept before and after NMS, 1000 by default; channels-last, and with the ``openvino``
+lever in ``--levers`` also on OpenVINO); ``--onnx FILE`` (the
 exported model under onnxruntime, with onnxruntime's own session options and with ours,
 ``inference.exported.OrtOptions``); ``--openvino FILE`` (an ``.xml`` from ``tools/export.py --format openvino``, or
 the ``.onnx`` itself) compiled in float32 for any size, and with ``--openvino-static`` also once per input size. An
@@ -180,7 +182,10 @@ def agreement(reference: dict, output: dict, score_thresh: float) -> tuple[int, 
 
 @contextlib.contextmanager
 def lever_runner(ours: torch.nn.Module, names: tuple[str, ...]) -> Iterator[Runner]:
+    """``predict_image`` with the levers ``names``; RuntimeError where openvino is asked for and does not run."""
     apply_speedups(ours, Speedups.from_names(names))
+    if "openvino" in names and not ours.speedups.openvino:
+        raise RuntimeError("OpenVINO does not run this model here (the line above says why)")
     try:
         yield lambda image: predict_image(ours, image, "cpu")
     finally:
@@ -188,13 +193,15 @@ def lever_runner(ours: torch.nn.Module, names: tuple[str, ...]) -> Iterator[Runn
 
 
 @contextlib.contextmanager
-def rpn_runner(ours: torch.nn.Module, proposals: int) -> Iterator[Runner]:
-    """Channels-last (predict's default) with ``proposals`` RPN proposals kept before and after NMS at test time."""
+def rpn_runner(ours: torch.nn.Module, proposals: int, levers: tuple[str, ...] = ("channels_last",)
+               ) -> Iterator[Runner]:
+    """``levers`` (predict's CPU default, channels-last) with ``proposals`` RPN proposals kept before and after NMS
+    at test time."""
     rpn = ours.rpn
     saved = rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"]
     rpn._pre_nms_top_n["testing"] = rpn._post_nms_top_n["testing"] = proposals
     try:
-        with lever_runner(ours, ("channels_last",)) as run:
+        with lever_runner(ours, levers) as run:
             yield run
     finally:
         rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = saved
@@ -232,6 +239,8 @@ def configurations(args, ours: torch.nn.Module, config: ModelConfig
         found["compile (inductor, freezing)"] = lambda: compile_runner(ours)
     for count in args.rpn_proposals:
         found[f"rpn {count} proposals"] = lambda n=count: rpn_runner(ours, n)
+        if "openvino" in (args.levers or ()):
+            found[f"openvino, rpn {count} proposals"] = lambda n=count: rpn_runner(ours, n, ("openvino",))
     threads = torch.get_num_threads()
     if args.onnx:
         found["onnxruntime, its own options"] = lambda: exported_runner(
@@ -266,8 +275,9 @@ def time_configurations(args, ours, config, images, coco) -> tuple[list[tuple], 
     rows, stock_timing = [], Timing("stock", [])
     for name, setup in configurations(args, ours, config).items():
         try:
+            start = time.perf_counter()
             with setup() as run:
-                first_calls: dict[str, float] = {}
+                first_calls = {"setup": time.perf_counter() - start}  # converting, for openvino
                 for image in images:  # one untimed call per input size (where it compiles, the compilation)
                     size = "x".join(map(str, image.shape[:0:-1]))
                     if size not in first_calls:

@@ -18,7 +18,7 @@ from torchvision.models.detection.transform import resize_boxes
 from errors import UserError
 from network_files.config import ModelConfig
 from network_files.dacseg import OVERLAP_MAP_KEYS
-from train_utils.inference.openvino_modules import use_openvino
+from train_utils.inference.openvino_modules import openvino_forwards, use_openvino
 from train_utils.masks import as_box_masks, paste_roi_masks
 
 LEVERS = ("bf16", "channels_last", "no_upscale", "openvino")
@@ -30,7 +30,8 @@ class Speedups:
     of the work) under bfloat16 autocast, fast on CPUs with AVX-512 BF16 or AMX, while the RPN and the heads stay in
     float32; ``channels_last`` stores the backbone's activations NHWC; ``no_upscale`` runs an image that already
     fits the model's size range at its own size instead of enlarging it to ``min_size``; ``openvino`` runs the
-    backbone, the RPN head and the mask head with OpenVINO in float32 on the CPU (``inference.openvino_modules``)."""
+    backbone, the RPN head and the mask head with OpenVINO in float32 on the CPU (``inference.openvino_modules``;
+    it takes plain NCHW arrays, so it drops ``channels_last``)."""
 
     bf16: bool = False
     channels_last: bool = False
@@ -51,7 +52,10 @@ def apply_speedups(model: torch.nn.Module, speedups: Speedups) -> torch.nn.Modul
     if isinstance(model, GeneralizedRCNN):
         if speedups.openvino and speedups.bf16:
             raise UserError("--openvino runs float32; it does not combine with --bf16")
-        speedups = replace(speedups, openvino=use_openvino(model, speedups.openvino))
+        if speedups.openvino and model.training:
+            raise ValueError("OpenVINO runs a model in eval mode; call model.eval() first")
+        openvino = speedups.openvino and use_openvino(model)
+        speedups = replace(speedups, openvino=openvino, channels_last=speedups.channels_last and not openvino)
         model.to(memory_format=torch.channels_last if speedups.channels_last else torch.contiguous_format)
     model.speedups = speedups
     return model
@@ -91,7 +95,8 @@ def detect(model: torch.nn.Module, images: Sequence[torch.Tensor], mask_thresh: 
     if speedups.no_upscale and len(images) > 1:  # the native scale is each image's own
         return [output for image in images for output in detect(model, [image], mask_thresh)]
     sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-    with _native_scale(model.transform, sizes, speedups.no_upscale):
+    backends = openvino_forwards(model) if speedups.openvino else contextlib.nullcontext()
+    with _native_scale(model.transform, sizes, speedups.no_upscale), backends:
         batch, _ = model.transform(list(images))
         tensors = batch.tensors.to(memory_format=torch.channels_last) if speedups.channels_last else batch.tensors
         if speedups.bf16:  # only the backbone; without it the caller's autocast (evaluation under --amp) holds
