@@ -57,7 +57,7 @@ from train_utils.engine.setup import make_optimizer, seed_everything  # noqa: E4
 from train_utils.evaluation import score  # noqa: E402
 from train_utils.cli import ArgumentParser, LossWeightsAction, loss_weight_arg, number_arg  # noqa: E402
 from train_utils.stain import BRIGHT_ON_DARK  # noqa: E402
-from transforms import get_transform  # noqa: E402
+from transforms import get_transform, tighten_instances  # noqa: E402
 
 MODELS = ("stock", "maskrcnn", "dacseg", "dacseg_shape")
 DEFAULT_MODELS = ("stock", "maskrcnn", "dacseg")
@@ -252,24 +252,25 @@ def save_trained(model: torch.nn.Module, name: str, seed: int, training: Trainin
 
 
 def model_scale(preset: Preset, dataset: ChromosomeDataset) -> float:
-    """The factor the model's resize applies to the dataset's median image (torchvision's rule: the shorter side to
-    ``min_size`` unless the longer one would pass ``max_size``): 1.0 for 768x576 at min-size 576, 1.389 at 800."""
+    """The median over the dataset's images of the factor the model's resize applies to each (torchvision's rule:
+    the shorter side to ``min_size`` unless the longer one would pass ``max_size``): 1.0 for 768x576 at min-size
+    576, 1.389 at 800."""
     infos = [dataset.coco.imgs[i] for i in dataset.ids]
-    short = statistics.median(min(info["width"], info["height"]) for info in infos)
-    long = statistics.median(max(info["width"], info["height"]) for info in infos)
-    return min(preset.min_size / short, preset.max_size / long)
+    return statistics.median(min(preset.min_size / min(info["width"], info["height"]),
+                                 preset.max_size / max(info["width"], info["height"])) for info in infos)
 
 
 def train_transform(preset: Preset, scale: float) -> Callable:
     """Flips (and the preset's random crop at the original scale); a crop is then resized by ``scale``, the factor
-    the model applies to whole images, so training sees chromosomes at the size they are scored at."""
+    the model applies to whole images, so training sees chromosomes at the size they are scored at, and its boxes
+    are made tight around the resized masks again."""
     crop = get_transform("flip", train=True, crop_size=preset.crop_size)
     if preset.crop_size is None or abs(scale - 1.0) < 1e-6:
         return crop
     resize = v2.Resize(round(preset.crop_size * scale))  # crops are square
 
     def crop_then_resize(image, target):
-        return resize(*crop(image, target))
+        return tighten_instances(*resize(*crop(image, target)))
 
     return crop_then_resize
 

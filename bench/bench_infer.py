@@ -46,6 +46,7 @@ Run by hand, on an otherwise idle machine; never from CI or pytest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -111,12 +112,17 @@ def load_images(args) -> tuple[list[Path], list[torch.Tensor], Any]:
 
 
 def our_model(args) -> tuple[torch.nn.Module, ModelConfig]:
+    """The checkpoint's model (at ``--min-size``/``--max-size`` where given, else its own size range), or an
+    untrained one."""
     if args.weights_path:
         model, config, _ = load_model_from_checkpoint(args.weights_path, "cpu")
+        sizes = {"min_size": args.min_size or config.min_size, "max_size": args.max_size or config.max_size}
+        config = dataclasses.replace(config, **sizes)
+        model.transform.min_size, model.transform.max_size = (config.min_size,), config.max_size
         return model, config
     torch.manual_seed(0)
     try:
-        config = ModelConfig(name=args.model, min_size=args.min_size, max_size=args.max_size,
+        config = ModelConfig(name=args.model, min_size=args.min_size or 800, max_size=args.max_size or 1333,
                              overlap_cls_head=args.overlap_cls_head, shape_prior=args.shape_prior)
     except ValueError as exc:
         raise SystemExit(f"bench_infer.py: error: {exc}") from None
@@ -486,8 +492,10 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--overlap-cls-head", choices=("fc", "conv"), default="fc")
     parser.add_argument("--shape-prior", default=None, metavar="CODEBOOK",
                         help="with --model dacseg and untrained weights: add the shape prior of this codebook")
-    parser.add_argument("--min-size", type=number_arg(int, low=32), default=800)
-    parser.add_argument("--max-size", type=number_arg(int, low=32), default=1333)
+    parser.add_argument("--min-size", type=number_arg(int, low=32), default=None,
+                        help="default: the checkpoint's, or 800 for untrained weights")
+    parser.add_argument("--max-size", type=number_arg(int, low=32), default=None,
+                        help="default: the checkpoint's, or 1333 for untrained weights")
     parser.add_argument("--data-path", type=Path, default=DEFAULT_DATA, help="BioImLab root (default: %(default)s)")
     parser.add_argument("--images", nargs="*", default=None, help="image files or folders instead of BioImLab val")
     parser.add_argument("--num-images", type=number_arg(int, low=1), default=6)

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_crops_keep_whole_masks_and_tight_boxes(tiny_coco):
         assert masks.flatten(1).any(1).all()  # instances cut away entirely are dropped
         for mask, box in zip(masks, target["boxes"]):
             ys, xs = torch.nonzero(mask, as_tuple=True)
-            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert box.tolist() == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
         assert len(target["labels"]) == len(masks) == len(target["boxes"])
 
 
@@ -136,9 +137,18 @@ def test_training_crops_are_resized_by_the_factor_the_model_gives_whole_images(t
     dataset.transforms = bench.train_transform(enlarged, 1.5)
     image, target = dataset[0]
     assert image.shape[-2:] == (144, 144) and target["masks"].shape[-2:] == (144, 144)
-    for mask, box in zip(target["masks"].bool(), target["boxes"]):  # boxes scaled with their masks
+    assert len(target["boxes"]) == len(target["masks"]) > 0
+    for mask, box in zip(target["masks"].bool(), target["boxes"]):  # boxes tight around the resized masks
         ys, xs = torch.nonzero(mask, as_tuple=True)
-        assert abs(float(box[0]) - float(xs.min())) <= 1.5 and abs(float(box[3]) - float(ys.max() + 1)) <= 1.5
+        assert box.tolist() == [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def test_the_model_scale_is_the_median_of_each_images_factor():
+    sizes = {1: (100, 200), 2: (150, 150), 3: (120, 130)}  # (short, long) factors at 192, 200: 1.0, 1.28, 1.54
+    dataset = SimpleNamespace(ids=list(sizes), coco=SimpleNamespace(
+        imgs={i: {"height": short, "width": long} for i, (short, long) in sizes.items()}))
+    preset = dataclasses.replace(bench.PRESETS["cpu"], min_size=192, max_size=200)
+    assert bench.model_scale(preset, dataset) == 1.28  # not the factor of the median sides (1.333)
 
 
 def test_size_flags_override_the_preset():
