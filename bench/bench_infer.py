@@ -71,7 +71,7 @@ from tools.labelme2coco import convert_labelme  # noqa: E402
 from train_utils.cli import ArgumentParser, expand_inputs, number_arg  # noqa: E402
 from train_utils.engine.checkpoint import load_model_from_checkpoint  # noqa: E402
 from train_utils.evaluation.coco_eval import evaluate_results  # noqa: E402
-from train_utils.inference.detect import Speedups, apply_speedups, prepare_model  # noqa: E402
+from train_utils.inference.detect import Speedups, apply_speedups, default_speedups, prepare_model  # noqa: E402
 from train_utils.inference.exported import OnnxDetector, OpenVinoDetector, OrtOptions  # noqa: E402
 from train_utils.jobs.predict import PredictOptions, label_maps, predict_files, predict_image  # noqa: E402
 from train_utils.outputs.predictions import outputs_to_coco_results  # noqa: E402
@@ -446,15 +446,15 @@ def our_folder(model: torch.nn.Module, config: ModelConfig, files: list[Path], o
 
 
 def folder_throughput(args, ours: torch.nn.Module, config: ModelConfig, paths: list[Path]) -> None:
-    """``--folder N``: images/s of ``predict_files`` (predict.py's CPU default, channels-last, and each lever set in
+    """``--folder N``: images/s of ``predict_files`` (predict.py's CPU default, ``default_speedups``, and each lever set in
     ``--levers``, on top of it) and of the stock loop over the same N files, alternated."""
     stock = stock_model(ours, config)
     for model in (ours, stock):
         keep_detections(model, args.detections, args.score_thresh)
-    runs = {"ours (predict_files)": lambda files, out: our_folder(ours, config, files, out,
-                                                                  Speedups(channels_last=True))}
+    default = default_speedups(config, on_cpu=True)
+    runs = {"ours (predict_files)": lambda files, out: our_folder(ours, config, files, out, default)}
     for name in args.levers or ():
-        levers = Speedups.from_names(sorted({"channels_last", *LEVER_SETS[name]}))
+        levers = dataclasses.replace(default, **{lever: True for lever in LEVER_SETS[name]})
         runs[f"ours (predict_files, {name})"] = lambda files, out, s=levers: our_folder(ours, config, files, out, s)
     runs["stock loop"] = lambda files, out: stock_folder(stock, files, out)
     with tempfile.TemporaryDirectory(prefix="bench_folder_") as tmp:

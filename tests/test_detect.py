@@ -132,3 +132,11 @@ def test_no_upscale_runs_an_image_inside_the_size_range_at_its_own_size():
     detect(apply_speedups(model, Speedups(no_upscale=True)), [small, large])
     assert sizes == [[(128, 153)], [(100, 120)], [(120, 160)]]  # enlarged; its own; brought down to max-size 160
     assert model.transform.min_size == (128,)  # restored
+
+
+def test_default_speedups_use_channels_last_on_the_cpu_for_mask_rcnn_only():
+    from train_utils.inference.detect import Speedups, default_speedups
+
+    assert default_speedups(ModelConfig(name="maskrcnn"), on_cpu=True) == Speedups(channels_last=True)
+    assert default_speedups(ModelConfig(name="dacseg"), on_cpu=True) == Speedups()
+    assert default_speedups(ModelConfig(name="maskrcnn"), on_cpu=False) == Speedups()

@@ -117,6 +117,17 @@ def test_dacseg_writes_overlap_scores_and_overlap_maps(tiny_coco, dacseg_ckpt, t
     assert (out / "val_001_pred.png").is_file()
 
 
+@pytest.mark.parametrize("name, channels_last", [("maskrcnn", True), ("dacseg", False)])
+def test_the_cpu_runs_channels_last_for_mask_rcnn_only(name, channels_last, tiny_coco, maskrcnn_ckpt, dacseg_ckpt,
+                                                       tmp_path, monkeypatch):
+    chosen, apply = [], jobs_predict.apply_speedups
+    monkeypatch.setattr(jobs_predict, "apply_speedups",
+                        lambda model, speedups: chosen.append(speedups) or apply(model, speedups))
+    ckpt = maskrcnn_ckpt if name == "maskrcnn" else dacseg_ckpt
+    assert run(ckpt, tmp_path / "pred", tiny_coco / "images" / "val_001.png", extra=("--no-upscale",)) == 0
+    assert [(s.channels_last, s.no_upscale, s.openvino) for s in chosen] == [(channels_last, True, False)]
+
+
 def test_overlap_maps_of_a_maskrcnn_checkpoint_are_refused(tiny_coco, maskrcnn_ckpt, tmp_path, capsys):
     code = run(maskrcnn_ckpt, tmp_path / "pred", tiny_coco / "images" / "val_001.png", extra=("--save-overlap-maps",))
     err = capsys.readouterr().err

@@ -33,7 +33,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -49,7 +49,7 @@ from network_files.dacseg import OVERLAP_MAP_KEYS
 from train_utils import stain
 from train_utils.cli import check_model_name, expand_inputs
 from train_utils.engine.checkpoint import load_model_from_checkpoint
-from train_utils.inference.detect import Speedups, apply_speedups, detect, prepare_model
+from train_utils.inference.detect import apply_speedups, default_speedups, detect, prepare_model
 from train_utils.inference.exported import is_exported, load_exported_model
 from train_utils.inference.tta import FlipTTA
 from train_utils.masks import as_box_masks
@@ -401,8 +401,8 @@ def run_prediction(args: argparse.Namespace) -> tuple[PredictionSummary, int]:
     on_cpu = torch.device(device).type == "cpu"
     if args.openvino and not on_cpu:
         raise UserError(f"--openvino runs on the CPU; drop it or use --device cpu (not {device})")
-    apply_speedups(model, Speedups(bf16=args.bf16, channels_last=on_cpu, no_upscale=args.no_upscale,
-                                   openvino=args.openvino))
+    apply_speedups(model, replace(default_speedups(config, on_cpu), bf16=args.bf16, no_upscale=args.no_upscale,
+                                  openvino=args.openvino))
     if args.tta:
         model = FlipTTA(model, score_thresh=args.score_thresh, mask_thresh=args.mask_thresh).eval()
     polarity = stain.checkpoint_polarity(checkpoint, args.weights_path, args.stain)
