@@ -390,15 +390,17 @@ def float32_rate(seconds: float = 2.0) -> dict[str, float]:
                 "conv3x3": best(lambda: conv(x), 2 * 256 * 256 * 9 * 100 * 136)}
 
 
-def print_profile(args, ours: torch.nn.Module, images: list[torch.Tensor]) -> None:
-    """``--profile``: the stage table of our path at predict's CPU default (channels-last), with each stage's rate,
-    the machine's float32 rates, and the time the counted work would take at the best of them."""
+def print_profile(args, ours: torch.nn.Module, config: ModelConfig, images: list[torch.Tensor]) -> None:
+    """``--profile``: the stage table of our path at predict's CPU default (``default_speedups``), with each stage's
+    rate, the machine's float32 rates, and the time the counted work would take at the best of them."""
     keep_detections(ours, args.detections)
-    apply_speedups(ours, Speedups(channels_last=True))
+    default = default_speedups(config, on_cpu=True)
+    apply_speedups(ours, default)
     predict_image(ours, images[0], "cpu")  # untimed
     rows = stage_profile(ours, images, args.repeats)
     rates = float32_rate()
-    print(f"| stage (channels-last, {args.detections} detections) | s/image | share | GFLOP/image | GFLOP/s |")
+    layout = "channels-last" if default.channels_last else "float32"
+    print(f"| stage ({layout}, {args.detections} detections) | s/image | share | GFLOP/image | GFLOP/s |")
     print("|---|---|---|---|---|")
     total_s, total_gflop = rows[-1][1], rows[-1][2]
     for name, seconds, gflop in rows:
@@ -554,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
           f"min-size {config.min_size}, {kept}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {backend_versions()}; load average {load_text()}", flush=True)
     if args.profile:
-        print_profile(args, ours, images)
+        print_profile(args, ours, config, images)
         print(f"# load average at the end: {load_text()}")
         return 0
     if args.folder:

@@ -432,7 +432,7 @@ def get_predict_parser() -> ArgumentParser:
                              "enlarging them to the checkpoint's min-size (about 2x faster for 768x576 images at "
                              "min-size 800; the masks then come from another scale)")
     parser.add_argument("--openvino", action="store_true",
-                        help="CPU: run the backbone, RPN head and mask head with OpenVINO in exact float32 (pip "
+                        help="CPU: run the backbone, RPN head and RoI convolutions with OpenVINO in exact float32 (pip "
                              "install openvino; converting costs seconds once per run, see README: Speed)")
     parser.add_argument("--threads", type=number_arg(int, low=1), default=None, metavar="N",
                         help="CPU threads for inference (default: the library's, one per core)")
