@@ -326,7 +326,10 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--baseline", nargs="+", choices=sorted(VARIANTS), default=[], metavar="VARIANT",
                         help="with --report: also the differences from these variants (besides maskrcnn)")
     parser.add_argument("--picture", type=Path, default=None, metavar="PNG",
-                        help="with --report: also draw 6 val crossings, ground truth, maskrcnn and dacseg (seed 0)")
+                        help="with --report: also draw 6 val crossings, the ground truth and each of "
+                             "--picture-variants (seed 0)")
+    parser.add_argument("--picture-variants", nargs="+", choices=sorted(VARIANTS), default=["maskrcnn", "dacseg"],
+                        metavar="VARIANT", help="the models drawn by --picture (default: %(default)s)")
     parser.add_argument("--evals", type=number_arg(int, low=1), default=Setting.evals, help="val scorings along the way")
     parser.add_argument("--steps", type=number_arg(int, low=1), default=Setting.steps, help="optimizer steps")
     parser.add_argument("--train-data", choices=("crops", "whole", "both"), default=Setting.train_data)
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.picture is not None:
             with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
                 data = prepare(args.data_path, Path(work), Setting(crop_size=args.crop_size))
-                print(f"wrote {picture(args.report, data['crops'], args.picture)}")
+                print(f"wrote {picture(args.report, data['crops'], args.picture, args.picture_variants)}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_crossings.py: error: --device cuda: torch sees no CUDA device here")

@@ -149,6 +149,10 @@ def picture(runs_dir: Path, crops_root: Path, out: Path, variants: Sequence[str]
 
     coco = load_gt(runs_dir)
     runs = load_runs(runs_dir)
+    missing = [name for name in variants if seed not in runs.get(name, {})]
+    if missing:
+        raise SystemExit(f"bench_crossings.py: error: --picture: no seed-{seed} run of {', '.join(missing)} in "
+                         f"{runs_dir}")
     crossing = [img for img in sorted(coco.dataset["images"], key=lambda i: i["id"]) if img["kind"] == "crossing"]
     picked = crossing[:: max(1, len(crossing) // count)][:count]
     rows = []

@@ -98,6 +98,19 @@ def test_picture_draws_ground_truth_and_both_models(crops, tmp_path):
         assert img.width > 3 * 320 and img.height >= 320  # one crossing crop: one row of three panels
 
 
+def test_picture_draws_the_variants_asked_for_and_names_one_without_a_run(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [False], "dacseg": [True], "dacseg_neighbour4": [True]})
+    from PIL import Image  # noqa: PLC0415
+
+    two = picture(tmp_path / "runs", crops, tmp_path / "two.png", variants=("maskrcnn", "dacseg"))
+    three = picture(tmp_path / "runs", crops, tmp_path / "three.png",
+                    variants=("maskrcnn", "dacseg", "dacseg_neighbour4"))
+    with Image.open(two) as a, Image.open(three) as b:
+        assert b.width > a.width and b.height == a.height  # one more panel in the row
+    with pytest.raises(SystemExit, match="no seed-0 run of dacseg_fc in"):
+        picture(tmp_path / "runs", crops, tmp_path / "x.png", variants=("maskrcnn", "dacseg_fc"))
+
+
 @pytest.mark.parametrize("name", ["stock", "maskrcnn_mask14", "dacseg_gated"])
 def test_variants_build_at_the_crops_scale(name):
     torch.manual_seed(0)
