@@ -103,6 +103,8 @@ VARIANTS = {
                                note="final mask loss x4 on the crossing pixels"),
     "dacseg_neighbour4": Variant("dacseg", (("overlap_cls_head", "conv"), ("neighbour_mask_weight", 4.0)),
                                  note="final mask loss x4 on the other chromosomes' pixels in the RoI"),
+    "dacseg_neighbour2": Variant("dacseg", (("overlap_cls_head", "conv"), ("neighbour_mask_weight", 2.0)),
+                                 note="final mask loss x2 on the other chromosomes' pixels in the RoI"),
     "dacseg_shape": Variant("dacseg", (("overlap_cls_head", "conv"),), shape_prior=True,
                             note="shape prior, codebook of the train split, 2 nearest shapes"),
 }
