@@ -114,16 +114,16 @@ VARIANTS = {
 class Setting:
     """What every variant shares."""
 
-    crop_size: int = 160
-    train_data: str = "both"  # "crops", "whole" or "both"
+    crop_size: int = 128  # the defaults are the README's comparison
+    train_data: str = "crops"  # "crops", "whole" or "both"
     backbone: str = "resnet18"
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
-    rois_per_image: int = 64
+    rois_per_image: int = 32
     batch_size: int = 4
     lr: float = 0.02
-    steps: int = 600
+    steps: int = 300
     warmup_iters: int = 60
-    evals: int = 3  # val scorings along the way (the last at the end): the val curve
+    evals: int = 2  # val scorings along the way (the last at the end): the val curve
     synthetic: int = 0  # synthetic spreads whose crossing crops join the training data
     device: str = "cpu"  # where the models train and are scored ("cuda": a GPU; its numbers are not the CPU's)
 
@@ -307,6 +307,16 @@ def setting_differences(stored: dict[str, Any], setting: Setting) -> list[str]:
             if stored.get(key) != value]
 
 
+def saved_crop_size(runs: Path) -> int | None:
+    """The crop size the runs saved in ``runs`` were trained and scored at (one setting per folder, ``check_out``);
+    None for runs that do not record it."""
+    for path in sorted(runs.glob("*_seed*.json")):
+        crop_size = json.loads(path.read_text()).get("setting", {}).get("crop_size")
+        if crop_size is not None:
+            return int(crop_size)
+    return None
+
+
 def check_out(out: Path, setting: Setting) -> None:
     """Refuse an ``--out`` that holds runs of another setting: they would be overwritten, or paired with these."""
     for path in sorted(out.glob("*_seed*.json")):
@@ -332,10 +342,13 @@ def get_args_parser() -> ArgumentParser:
                              "--picture-variants (seed 0)")
     parser.add_argument("--picture-variants", nargs="+", choices=sorted(VARIANTS), default=["maskrcnn", "dacseg"],
                         metavar="VARIANT", help="the models drawn by --picture (default: %(default)s)")
-    parser.add_argument("--evals", type=number_arg(int, low=1), default=Setting.evals, help="val scorings along the way")
-    parser.add_argument("--steps", type=number_arg(int, low=1), default=Setting.steps, help="optimizer steps")
+    parser.add_argument("--evals", type=number_arg(int, low=1), default=Setting.evals,
+                        help="val scorings along the way (default %(default)s)")
+    parser.add_argument("--steps", type=number_arg(int, low=1), default=Setting.steps,
+                        help="optimizer steps (default %(default)s)")
     parser.add_argument("--train-data", choices=("crops", "whole", "both"), default=Setting.train_data)
-    parser.add_argument("--crop-size", type=number_arg(int, low=64), default=Setting.crop_size)
+    parser.add_argument("--crop-size", type=number_arg(int, low=64), default=Setting.crop_size,
+                        help="crop side in pixels (default %(default)s; --picture uses the saved runs' own)")
     parser.add_argument("--rois-per-image", type=number_arg(int, low=1), default=Setting.rois_per_image,
                         help="sampled RoIs per training image (default %(default)s)")
     parser.add_argument("--synthetic", type=number_arg(int, low=0), default=0,
@@ -360,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report(args.report, args.bootstrap, list(dict.fromkeys(["maskrcnn", *args.baseline]))))
         if args.picture is not None:
             with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
-                data = prepare(args.data_path, Path(work), Setting(crop_size=args.crop_size))
+                crop_size = saved_crop_size(args.report) or args.crop_size
+                data = prepare(args.data_path, Path(work), Setting(crop_size=crop_size))
                 print(f"wrote {picture(args.report, data['crops'], args.picture, args.picture_variants)}")
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -166,3 +166,11 @@ def test_an_out_folder_with_runs_of_another_setting_is_refused(tmp_path):
 def test_device_cuda_without_a_gpu_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit, match="--device cuda: torch sees no CUDA device here"):
         bench.main(["--device", "cuda", "--out", str(tmp_path / "runs")])
+
+
+def test_saved_crop_size_is_the_runs_own_or_none(tmp_path):
+    assert bench.saved_crop_size(tmp_path) is None  # no runs: --crop-size decides
+    (tmp_path / "maskrcnn_seed0.json").write_text(json.dumps({"setting": {}}))  # a run that does not record it
+    assert bench.saved_crop_size(tmp_path) is None
+    (tmp_path / "maskrcnn_seed1.json").write_text(json.dumps({"setting": bench.as_json(bench.Setting(crop_size=160))}))
+    assert bench.saved_crop_size(tmp_path) == 160
