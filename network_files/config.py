@@ -28,9 +28,10 @@ SHAPE_PRIOR_LOSS_NAMES = ("loss_coarse_mask",)
 LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES + SHAPE_PRIOR_LOSS_NAMES
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """A model is fully described by this; ``network_files.build_model(config)`` rebuilds it."""
+    """A model is fully described by this; ``network_files.build_model(config)`` rebuilds it. Frozen: decided once,
+    then read (``dataclasses.replace`` makes a changed copy)."""
 
     name: str = "maskrcnn"
     num_classes: int = 1  # without background
@@ -63,7 +64,7 @@ class ModelConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.anchor_sizes = tuple(int(s) for s in self.anchor_sizes)
+        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
         self.validate()
 
     def validate(self) -> None:

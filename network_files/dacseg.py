@@ -479,7 +479,7 @@ def convert_to_dacseg(model: MaskRCNN, config: ModelConfig, load_codebook: bool 
     device = roi_heads.mask_predictor.conv5_mask.weight.device
     shape_prior = None
     if config.shape_prior is not None:
-        shape_prior = ShapePriorHead(channels, num_classes, config.shape_prior_nearest)
+        shape_prior = ShapePriorHead(channels, num_classes, config.shape_prior_nearest, resolution)
         if load_codebook:
             shape_prior.load_codebook(read_codebook(config.shape_prior, config.num_classes), config.shape_prior)
         shape_prior = shape_prior.to(device)

@@ -75,9 +75,11 @@ class ShapeAutoencoder(nn.Module):
 
 
 def nearest_centres(codes: Tensor, centres: Tensor, k: int) -> Tensor:
-    """Indices ``[R, k]`` of the ``k`` centres (rows of ``[K, D]``) nearest to each code of ``[R, D]``, nearest
-    first (Euclidean distance)."""
-    return torch.cdist(codes.float(), centres.float()).topk(k, dim=1, largest=False).indices
+    """Indices ``[R, k]`` of the ``k`` centres nearest to each code of ``[R, D]``, nearest first (Euclidean
+    distance). ``centres`` is ``[K, D]``, shared by every code, or ``[R, K, D]``, each code's own (its class's)."""
+    if centres.dim() == 2:
+        centres = centres.expand(len(codes), *centres.shape)
+    return torch.cdist(codes.float()[:, None], centres.float())[:, 0].topk(k, dim=1, largest=False).indices
 
 
 class Codebook(NamedTuple):
@@ -150,10 +152,13 @@ class ShapePriorHead(nn.Module):
     checkpoint's state dict, whose codebook size it takes.
     """
 
-    def __init__(self, channels: int, num_classes: int, nearest: int = 2) -> None:
-        """``num_classes`` counts the background, as torchvision does."""
+    def __init__(self, channels: int, num_classes: int, nearest: int = 2, roi_size: int = 14) -> None:
+        """``num_classes`` counts the background, as torchvision does; ``roi_size`` is the side of the mask RoI
+        features the priors are pooled to (a constant kernel, so an exported graph needs no dynamic pooling)."""
         super().__init__()
-        self.nearest = nearest
+        if MASK_SIZE % roi_size:
+            raise ValueError(f"the shape prior needs mask RoIs whose side divides {MASK_SIZE}, got {roi_size}")
+        self.nearest, self.roi_size = nearest, roi_size
         self.encoder = shape_encoder().requires_grad_(False)
         self.register_buffer("centres", torch.zeros(num_classes - 1, 0, CODE_DIM))
         self.register_buffer("templates", torch.zeros(num_classes - 1, 0, MASK_SIZE, MASK_SIZE))
@@ -190,10 +195,9 @@ class ShapePriorHead(nn.Module):
         if self.centres.shape[1] < self.nearest:
             raise RuntimeError("the shape prior has no codebook: load one (load_codebook) or a checkpoint")
         codes = self.encoder(coarse[:, None].to(self.centres.dtype))
-        index = torch.zeros(len(labels), self.nearest, dtype=torch.int64, device=labels.device)
-        for label in labels.unique().tolist():
-            chosen = labels == label
-            index[chosen] = nearest_centres(codes[chosen], self.centres[label - 1], self.nearest)
+        # each RoI against its own class's centres, all at once: no loop over the labels, so a traced graph holds
+        # every class, not only those of the example it was traced on
+        index = nearest_centres(codes, self.centres[labels - 1], self.nearest)
         return self.templates[labels[:, None] - 1, index]
 
     def forward(self, features: Tensor, coarse_logits: Tensor, labels: Tensor) -> Tensor:
@@ -201,5 +205,7 @@ class ShapePriorHead(nn.Module):
         ``[R, K+1, 28, 28]`` and each RoI's class ``[R]`` (1..K)."""
         rows = torch.arange(len(labels), device=labels.device)
         coarse = torch.sigmoid(coarse_logits[rows, labels].float())
-        priors = F.adaptive_avg_pool2d(self.priors(coarse, labels), features.shape[-2:]).to(features.dtype)
+        if features.shape[-1] != self.roi_size:
+            raise ValueError(f"the shape prior was built for {self.roi_size}px mask RoIs, got {features.shape[-1]}px")
+        priors = F.avg_pool2d(self.priors(coarse, labels), MASK_SIZE // self.roi_size).to(features.dtype)
         return self.mask_predictor(self.mask_head(self.fusion(torch.cat([features, priors], dim=1))))

@@ -1,6 +1,7 @@
 """The model builder: same structure as stock torchvision, config fields reach the model, detector weights load."""
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -247,6 +248,17 @@ def test_config_round_trip_rebuilds_the_same_model():
         n for n, p in second.named_parameters() if p.requires_grad
     }
     second.load_state_dict(first.state_dict())  # strict: a checkpoint of one loads into the other
+
+
+def test_config_is_decided_once_then_read():
+    config = ModelConfig(anchor_sizes=[16.0, 32, 64, 128, 256], **TINY)
+    assert config.anchor_sizes == (16, 32, 64, 128, 256)  # normalised once, at construction
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.min_size = 256
+    changed = dataclasses.replace(config, min_size=144)
+    assert (changed.min_size, config.min_size) == (144, 128)
+    with pytest.raises(ValueError, match="min_size"):
+        dataclasses.replace(config, min_size=16)  # a changed copy is validated too
 
 
 def test_loss_weights_live_in_the_config_and_the_model_returns_raw_terms(scratch_model):

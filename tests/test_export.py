@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from network_files import ModelConfig, build_model
+from tests.test_shape_prior import write_codebook
 from tools import export
 from train_utils.engine.checkpoint import save_checkpoint
 
@@ -17,16 +18,20 @@ pytest.importorskip("onnxruntime")
 
 
 def make_checkpoint(path: Path, name: str) -> Path:
+    """``name`` is a model name, or ``dacseg_shape``: DaCSeg with a shape prior (its codebook beside ``path``)."""
+    prior = {}
+    if name == "dacseg_shape":
+        name, prior = "dacseg", {"shape_prior": str(write_codebook(path.with_suffix(".codebook.pt")))}
     torch.manual_seed(0)
     config = ModelConfig(name=name, backbone="resnet18", min_size=128, max_size=160, trainable_layers=0,
-                         norm_layer="frozen_bn", box_detections_per_img=8, overlap_cls_head="conv")
+                         norm_layer="frozen_bn", box_detections_per_img=8, overlap_cls_head="conv", **prior)
     save_checkpoint({"model": build_model(config).state_dict(), "model_config": config.to_dict(), "epoch": 3,
                      "label_names": {1: "chromosome"}, "label_to_cat_id": {1: 5},
                      "stain": {"polarity": "bright-on-dark", "train_counts": None}}, path)
     return path
 
 
-@pytest.mark.parametrize("name", ["maskrcnn", "dacseg"])
+@pytest.mark.parametrize("name", ["maskrcnn", "dacseg", "dacseg_shape"])
 def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, capsys):
     import predict
     from train_utils.inference.exported import load_onnx_model
@@ -38,7 +43,7 @@ def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, 
     printed = capsys.readouterr().out
     assert "checked on the check image: 8 detections (" in printed and "checked on 640x448" in printed
     _, config, info = load_onnx_model(onnx_file)
-    assert config.name == name and info["label_to_cat_id"] == {"1": 5} and info["stain"]["polarity"] == "bright-on-dark"
+    assert config.name == name.removesuffix("_shape") and info["label_to_cat_id"] == {"1": 5} and info["stain"]["polarity"] == "bright-on-dark"
 
     outputs = {}
     for weights in (checkpoint, onnx_file):
@@ -50,7 +55,7 @@ def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, 
     assert len(exported) == len(reference) == 8 and {r["category_id"] for r in exported} == {5}
     for a, b in zip(exported, reference):
         assert a["bbox"] == pytest.approx(b["bbox"], abs=0.05) and a["score"] == pytest.approx(b["score"], abs=1e-3)
-        assert ("overlap_score" in a) == (name == "dacseg")
+        assert ("overlap_score" in a) == name.startswith("dacseg")
 
 
 def test_what_cannot_be_exported_is_one_line(tmp_path, capsys):

@@ -66,6 +66,9 @@ def test_nearest_centres_on_hand_made_codes():
     assert nearest_centres(codes, centres, 1).tolist() == [[1], [2], [3]]
     assert nearest_centres(codes, centres, 2).tolist() == [[1, 0], [2, 1], [3, 0]]  # nearest first
     assert nearest_centres(codes[:0], centres, 2).shape == (0, 2)
+    own = torch.stack([centres, centres.flip(0), centres])  # each code its own centres: the second's reversed
+    assert nearest_centres(codes, own, 1).tolist() == [[1], [1], [3]]
+    assert nearest_centres(codes[:0], own[:0], 2).shape == (0, 2)
 
 
 def test_priors_are_the_decoded_centres_nearest_to_the_coarse_mask_of_each_class():
