@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from train_utils.outputs.visualize import OVERLAP_COLOR, PALETTE, draw_instances, instance_colors, overlap_outline
+from train_utils.outputs.visualize import (
+    OVERLAP_COLOR,
+    PALETTE,
+    draw_instances,
+    instance_colors,
+    overlap_outline,
+    place_labels,
+)
 
 H, W = 64, 80
 
@@ -55,6 +62,39 @@ def test_boxes_and_captions_are_drawn():
     assert tuple(with_boxes[49, 71]) in PALETTE  # a box corner outside the mask's fill blend
     with_captions = rgb(draw_instances(image, masks, boxes=boxes, captions=["a", "b", "0.97"], min_side=0))
     assert (with_captions != with_boxes).any()
+
+
+def covers(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_labels_of_crowded_boxes_do_not_cover_each_other():
+    """Four boxes sharing a top-left corner region (a crowded spread): at one fixed corner their labels would stack;
+    placed, no two cover each other and every label stays inside the image."""
+    boxes = torch.tensor([[20.0, 20, 60, 70], [22, 21, 58, 66], [24, 19, 70, 60], [21, 23, 40, 80]])
+    sizes = [(30, 12)] * 4
+    corners = place_labels(boxes, sizes, (100, 100))
+    assert corners[0] == (20, 20)  # the first keeps the usual spot, inside the top-left corner
+    rects = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(corners, sizes)]
+    assert not any(covers(rects[i], rects[j]) for i in range(4) for j in range(i))
+    assert all(0 <= r[0] and 0 <= r[1] and r[2] <= 100 and r[3] <= 100 for r in rects)
+    # a box at the image's edge: its label is moved inside, and with no free spot left it takes the least covered
+    assert place_labels(torch.tensor([[95.0, 95, 100, 100]]), [(30, 12)], (100, 100)) == [(70, 88)]
+    assert len(place_labels(torch.zeros(0, 4), [], (100, 100))) == 0
+
+
+def test_a_caption_is_not_hidden_by_a_neighbour_s():
+    """Two chromosomes whose boxes share a top-left corner: the first caption shows as fully as when drawn alone
+    (counted in pixels of its exact colour: the masks are blended, so only labels have it)."""
+    masks = torch.zeros(2, H, W, dtype=torch.bool)
+    masks[0, 20:50, 10:40] = True
+    masks[1, 21:52, 12:42] = True
+    captions = ["1: 0.9", "2: 0.8"]
+    both = rgb(draw_instances(torch.zeros(3, H, W), masks, captions=captions, min_side=0))
+    alone = rgb(draw_instances(torch.zeros(3, H, W), masks[:1], captions=captions[:1], min_side=0))
+    first = PALETTE[0]  # the first instance's colour, in both pictures (instance_colors is greedy, in order)
+    label_pixels = np.all(alone == first, axis=-1).sum()
+    assert label_pixels > 50 and np.all(both == first, axis=-1).sum() == label_pixels
 
 
 def test_no_instances_and_grey_uint8_input():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -100,12 +101,50 @@ def _enlarged(pixels: torch.Tensor, scale: int) -> torch.Tensor:
 
 def _boxes_and_captions(canvas: torch.Tensor, boxes: torch.Tensor, captions: Sequence[str] | None,
                         colors: list[tuple[int, int, int]], line_width: int, font_size: int) -> torch.Tensor:
-    """Boxes (none when ``line_width`` is 0) and captions on filled labels in each instance's colour."""
-    return draw_bounding_boxes(
-        canvas, boxes, labels=list(captions) if captions is not None else None, colors=colors, width=line_width,
-        font=str(FONT_PATH) if FONT_PATH.is_file() else None, font_size=font_size if FONT_PATH.is_file() else None,
-        fill_labels=True, label_colors=[_text_color(c) for c in colors],
-    )
+    """Boxes (none when ``line_width`` is 0) and captions on filled labels in each instance's colour, each label
+    where it covers no earlier one (``place_labels``): in a metaphase the boxes crowd, and labels at one fixed corner
+    of each box hide each other."""
+    if line_width:
+        canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=line_width)
+    if captions is None:
+        return canvas
+    picture = to_pil_image(canvas)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.truetype(str(FONT_PATH), font_size) if FONT_PATH.is_file() else ImageFont.load_default()
+    pad = max(1, font_size // 8)
+    sizes = []
+    for caption in captions:
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        sizes.append((right + 2 * pad, bottom + 2 * pad))
+    for caption, color, (x, y), (w, h) in zip(captions, colors, place_labels(boxes, sizes, picture.size), sizes):
+        draw.rectangle((x, y, x + w - 1, y + h - 1), fill=color)
+        draw.text((x + pad, y + pad), caption, fill=_text_color(color), font=font)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
+def place_labels(boxes: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                 image_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Top-left corners of one ``(width, height)`` label per ``[N, 4]`` XYXY box, inside the ``(width, height)``
+    image. In order, each label takes the first spot that covers no earlier label: inside the box's top-left
+    corner, above the box, below it, inside its bottom-left corner, right of it, left of it; when every spot covers
+    one, the spot that covers the least."""
+    image_width, image_height = image_size
+    placed: list[tuple[int, int, int, int]] = []
+    corners = []
+    for (x0, y0, x1, y1), (w, h) in zip(boxes.round().int().tolist(), sizes):
+        spots = [(x0, y0), (x0, y0 - h), (x0, y1), (x0, y1 - h), (x1, y0), (x0 - w, y0)]
+        best, least = (0, 0), None
+        for x, y in spots:
+            x, y = min(max(x, 0), max(image_width - w, 0)), min(max(y, 0), max(image_height - h, 0))
+            covered = sum(max(0, min(x + w, b[2]) - max(x, b[0])) * max(0, min(y + h, b[3]) - max(y, b[1]))
+                          for b in placed)
+            if least is None or covered < least:
+                best, least = (x, y), covered
+            if covered == 0:
+                break
+        placed.append((best[0], best[1], best[0] + w, best[1] + h))
+        corners.append(best)
+    return corners
 
 
 def instance_colors(boxes: torch.Tensor, margin: float = 10.0) -> list[tuple[int, int, int]]:
