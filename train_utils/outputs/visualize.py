@@ -1,8 +1,9 @@
 """Pictures of instances: coloured masks, boxes, captions, and a distinct outline on overlapping instances.
 
 Drawing is done by ``torchvision.utils.draw_segmentation_masks`` / ``draw_bounding_boxes``; this module only picks
-colours that keep neighbouring chromosomes apart, sizes lines and text to the image, and computes the outline of
-overlapping instances (the mask's max-pool dilation minus the mask). Masks are read at their box size
+colours that keep neighbouring chromosomes apart, blends the crossings (which torchvision paints black), places the
+captions so that none hides another, sizes lines and text to the image, and computes the outline of overlapping
+instances (the mask's max-pool dilation minus the mask). Masks are read at their box size
 (``train_utils.masks.BoxMasks``) and pasted a band of rows at a time, only those that reach the band.
 """
 from __future__ import annotations
@@ -179,9 +180,24 @@ def paint_masks(canvas: torch.Tensor, masks: BoxMasks, colors: list[tuple[int, i
         pasted = [masks.crop(k, band) for k in reach]
         if not reach:  # an empty mask: the band is still blended, as in one call with every mask
             reach, pasted = [0], [torch.zeros((rows.stop - rows.start, width), dtype=torch.bool)]
-        canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], torch.stack(pasted), alpha=alpha,
-                                                  colors=[colors[k] for k in reach])
+        stack, band_colors = torch.stack(pasted), [colors[k] for k in reach]
+        original = canvas[:, rows].clone()
+        canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], stack, alpha=alpha, colors=band_colors)
+        _blend_crossings(canvas[:, rows], original, stack, band_colors, alpha)
     return canvas
+
+
+def _blend_crossings(painted: torch.Tensor, original: torch.Tensor, stack: torch.Tensor,
+                     colors: list[tuple[int, int, int]], alpha: float) -> None:
+    """Where masks overlap, torchvision paints black; a crossing is what a cytogeneticist looks at, so there the
+    mean colour of the masks is blended in as everywhere else, and the banding stays visible."""
+    counts = stack.sum(dim=0)
+    crossing = counts > 1
+    if not crossing.any():
+        return
+    covering = stack[:, crossing].float()  # [N, P]: which masks cover each crossing pixel
+    mean = torch.tensor(colors, dtype=torch.float32).T @ covering / counts[crossing]  # [3, P]
+    painted[:, crossing] = (original[:, crossing] * (1 - alpha) + mean * alpha).to(painted.dtype)
 
 
 def overlap_outline(masks: BoxMasks | torch.Tensor, radius: int = 2) -> torch.Tensor:
