@@ -90,7 +90,23 @@ def report(runs_dir: Path, draws: int = 1000, baselines: Sequence[str] = (BASELI
             cells = [str(_difference(scored[name], scored[baseline], "crossing", m)) for m in DIFF_METRICS]
             cells.append(str(_difference(scored[name], scored[baseline], "control", "AP")))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + error_lines(coco, runs) + classifier_lines(coco, runs))
+    return "\n".join(lines + curve_lines(runs) + error_lines(coco, runs) + classifier_lines(coco, runs))
+
+
+def curve_lines(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The val curve of each variant (the runs' scorings along the way): crossing recall and pairs separated at
+    0.75 at each step, mean over the seeds ± half their spread; whether the budget reached a plateau."""
+    lines = ["", "Val curve (crossing recall at 0.75 / pairs separated at 0.75 at each scoring step, over the seeds):",
+             "", "| variant | " + " | ".join(["step", "R@0.75", "pairs@0.75"]) + " |", "|---" * 4 + "|"]
+    for name, seeds in runs.items():
+        by_step: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for _, run in sorted(seeds.items()):
+            for step, recall75, pairs75 in run.get("curve", []):
+                by_step[int(step)].append((recall75, pairs75))
+        for step, values in sorted(by_step.items()):
+            recalls, pairs = zip(*values)
+            lines.append(f"| {name} | {step} | {_cell(recalls)} | {_cell(pairs)} |")
+    return lines
 
 
 def error_lines(coco: COCO, runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:

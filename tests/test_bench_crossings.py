@@ -81,6 +81,19 @@ def test_report_tables_the_overlap_classifier_of_the_variants_that_have_one(crop
     assert not any(line.startswith("| maskrcnn |") for line in table)  # no classifier: no row
 
 
+def test_report_tables_the_val_curve_over_the_seeds(crops, tmp_path):
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [True, True]})
+    for seed, late in ((0, 0.5), (1, 0.7)):
+        path = tmp_path / "runs" / f"maskrcnn_seed{seed}.json"
+        run = json.loads(path.read_text())
+        run["curve"] = [(5, 0.1, 0.0), (10, late, 1.0)]
+        path.write_text(json.dumps(run))
+    table = report(tmp_path / "runs", draws=50)
+    table = table[table.index("Val curve"):].splitlines()
+    assert "| maskrcnn | 5 | 0.100 ±0.000 | 0.000 ±0.000 |" in table
+    assert "| maskrcnn | 10 | 0.600 ±0.100 | 1.000 ±0.000 |" in table
+
+
 def test_report_tables_where_the_found_crossing_masks_go_wrong(crops, tmp_path):
     write_runs(crops, tmp_path / "runs", {"maskrcnn": [True], "dacseg": [False]})  # exact masks: nothing wrong
     text = report(tmp_path / "runs", draws=50)
