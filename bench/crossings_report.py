@@ -96,6 +96,8 @@ def report(runs_dir: Path, draws: int = 1000, baselines: Sequence[str] = (BASELI
 def curve_lines(runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """The val curve of each variant (the runs' scorings along the way): crossing recall and pairs separated at
     0.75 at each step, mean over the seeds ± half their spread; whether the budget reached a plateau."""
+    if not any(run.get("curve") for seeds in runs.values() for run in seeds.values()):
+        return []
     lines = ["", "Val curve (crossing recall at 0.75 / pairs separated at 0.75 at each scoring step, over the seeds):",
              "", "| variant | " + " | ".join(["step", "R@0.75", "pairs@0.75"]) + " |", "|---" * 4 + "|"]
     for name, seeds in runs.items():

@@ -417,7 +417,7 @@ class DaCSegRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_logits(features, proposals, image_shapes)
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         logits = self.dacseg_logits(features, boxes, image_shapes, with_maps=self.return_overlap_maps, labels=labels)
-        counts = [len(b) for b in boxes]
+        counts = [b.shape[0] for b in boxes]  # traced as sizes, not constants (an exported graph)
         masks = maskrcnn_inference(logits.mask, labels)
         overlap_scores = logits.overlap_cls.float().softmax(dim=1)[:, 1].split(counts)
         result = [

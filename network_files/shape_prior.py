@@ -78,7 +78,7 @@ def nearest_centres(codes: Tensor, centres: Tensor, k: int) -> Tensor:
     """Indices ``[R, k]`` of the ``k`` centres nearest to each code of ``[R, D]``, nearest first (Euclidean
     distance). ``centres`` is ``[K, D]``, shared by every code, or ``[R, K, D]``, each code's own (its class's)."""
     if centres.dim() == 2:
-        centres = centres.expand(len(codes), *centres.shape)
+        centres = centres.expand(codes.shape[0], *centres.shape)
     return torch.cdist(codes.float()[:, None], centres.float())[:, 0].topk(k, dim=1, largest=False).indices
 
 
@@ -156,8 +156,8 @@ class ShapePriorHead(nn.Module):
         """``num_classes`` counts the background, as torchvision does; ``roi_size`` is the side of the mask RoI
         features the priors are pooled to (a constant kernel, so an exported graph needs no dynamic pooling)."""
         super().__init__()
-        if MASK_SIZE % roi_size:
-            raise ValueError(f"the shape prior needs mask RoIs whose side divides {MASK_SIZE}, got {roi_size}")
+        if 2 * roi_size != MASK_SIZE:  # the mask head doubles the RoI side; the shape encoder reads 28x28
+            raise ValueError(f"the shape prior needs {MASK_SIZE // 2}px mask RoIs, got {roi_size}px")
         self.nearest, self.roi_size = nearest, roi_size
         self.encoder = shape_encoder().requires_grad_(False)
         self.register_buffer("centres", torch.zeros(num_classes - 1, 0, CODE_DIM))
@@ -203,7 +203,7 @@ class ShapePriorHead(nn.Module):
     def forward(self, features: Tensor, coarse_logits: Tensor, labels: Tensor) -> Tensor:
         """Final mask logits ``[R, K+1, 28, 28]`` from the RoI features ``[R, C, 14, 14]``, the coarse mask logits
         ``[R, K+1, 28, 28]`` and each RoI's class ``[R]`` (1..K)."""
-        rows = torch.arange(len(labels), device=labels.device)
+        rows = torch.arange(labels.shape[0], device=labels.device)  # a size in a traced graph, not a constant
         coarse = torch.sigmoid(coarse_logits[rows, labels].float())
         if features.shape[-1] != self.roi_size:
             raise ValueError(f"the shape prior was built for {self.roi_size}px mask RoIs, got {features.shape[-1]}px")

@@ -71,6 +71,11 @@ def test_nearest_centres_on_hand_made_codes():
     assert nearest_centres(codes[:0], own[:0], 2).shape == (0, 2)
 
 
+def test_the_head_refuses_a_roi_size_its_encoder_cannot_read():
+    with pytest.raises(ValueError, match="needs 14px mask RoIs, got 7px"):
+        ShapePriorHead(8, 2, roi_size=7)
+
+
 def test_priors_are_the_decoded_centres_nearest_to_the_coarse_mask_of_each_class():
     """The centres are the codes of hand-made shapes, two per class: each shape finds its own centre, within its
     RoI's class, and gets that centre's decoded shape."""

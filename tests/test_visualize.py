@@ -48,7 +48,7 @@ def test_a_crossing_shows_both_colours_and_the_image_not_black():
     colors = np.array([pixels[30, 8], pixels[50, 24]])  # each bar alone: half its colour, half the grey
     # where the bars cross: half the grey and half the two colours' mean (torchvision alone paints it black)
     assert np.abs(pixels[31, 24] - colors.mean(axis=0)).max() <= 1
-    assert pixels[31, 24].min() > 40
+    assert pixels[31, 24].max() > 102  # brighter than the grey's half, 51, by a wide margin
 
 
 def test_overlapping_instances_get_the_outline_and_others_do_not():
