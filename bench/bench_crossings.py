@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,8 +311,10 @@ def setting_differences(stored: dict[str, Any], setting: Setting) -> list[str]:
 def saved_crop_size(runs: Path) -> int | None:
     """The crop size the runs saved in ``runs`` were trained and scored at (one setting per folder, ``check_out``);
     None for runs that do not record it."""
-    for path in sorted(runs.glob("*_seed*.json")):
-        crop_size = json.loads(path.read_text()).get("setting", {}).get("crop_size")
+    from bench.crossings_report import read_run, run_files  # noqa: PLC0415
+
+    for path in run_files(runs):
+        crop_size = read_run(path).get("setting", {}).get("crop_size")
         if crop_size is not None:
             return int(crop_size)
     return None
@@ -324,6 +327,28 @@ def check_out(out: Path, setting: Setting) -> None:
         if differences:
             raise SystemExit(f"bench_crossings.py: error: --out {out} holds runs of another setting ({path.name}: "
                              f"{'; '.join(differences)}); give another --out")
+
+
+def print_report(args: Namespace) -> int:
+    """``--report``: the tables of the saved runs and, with ``--picture``, the picture. The crops are cut again
+    (at the runs' crop size) when the picture needs their images or the runs' folder lacks their ground truth, as
+    the runs kept in ``bench/results/`` do: BioImLab's annotations never go into the repository."""
+    from bench.crossings_report import picture, report, run_files  # noqa: PLC0415
+
+    if not run_files(args.report):
+        raise SystemExit(f"bench_crossings.py: error: --report {args.report}: no saved runs (*_seed*.json) there")
+    gt = args.report / VAL_CROPS
+    with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
+        data = None
+        if args.picture is not None or not gt.is_file():
+            crop_size = saved_crop_size(args.report) or args.crop_size
+            data = prepare(args.data_path, Path(work), Setting(crop_size=crop_size))
+            if not gt.is_file():
+                gt = data["crops"] / "annotations" / "instances_val.json"
+        print(report(args.report, args.bootstrap, list(dict.fromkeys(["maskrcnn", *args.baseline])), gt=gt))
+        if args.picture is not None:
+            print(f"wrote {picture(args.report, data['crops'], args.picture, args.picture_variants, gt=gt)}")
+    return 0
 
 
 def get_args_parser() -> ArgumentParser:
@@ -368,15 +393,7 @@ def get_args_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.report is not None:
-        from bench.crossings_report import picture, report  # noqa: PLC0415
-
-        print(report(args.report, args.bootstrap, list(dict.fromkeys(["maskrcnn", *args.baseline]))))
-        if args.picture is not None:
-            with tempfile.TemporaryDirectory(prefix="bench_crossings_") as work:
-                crop_size = saved_crop_size(args.report) or args.crop_size
-                data = prepare(args.data_path, Path(work), Setting(crop_size=crop_size))
-                print(f"wrote {picture(args.report, data['crops'], args.picture, args.picture_variants)}")
-        return 0
+        return print_report(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_crossings.py: error: --device cuda: torch sees no CUDA device here")
     setting = Setting(crop_size=args.crop_size, train_data=args.train_data, steps=args.steps, evals=args.evals,

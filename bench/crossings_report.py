@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import sys
@@ -25,19 +26,30 @@ CONTROL_METRICS = ("AP", "AP75", "recall75", "mean_iou")
 VAL_CROPS = "val_crops.json"
 
 
-def load_gt(runs_dir: Path) -> COCO:
+def load_gt(runs_dir: Path, gt: Path | None = None) -> COCO:
+    """The scored crops' ground truth: ``gt``, else the copy beside the runs."""
     coco = COCO()
-    coco.dataset = json.loads((runs_dir / VAL_CROPS).read_text())
+    coco.dataset = json.loads((gt or runs_dir / VAL_CROPS).read_text())
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
 
 
+def run_files(runs_dir: Path) -> list[Path]:
+    """The saved runs in ``runs_dir``: ``<variant>_seed<S>.json``, or gzipped (``.json.gz``, as kept in the
+    repository's ``bench/results/``)."""
+    return sorted([*runs_dir.glob("*_seed*.json"), *runs_dir.glob("*_seed*.json.gz")])
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    return json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+
+
 def load_runs(runs_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
     """variant -> seed -> the saved run."""
     runs: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-    for path in sorted(runs_dir.glob("*_seed*.json")):
-        run = json.loads(path.read_text())
+    for path in run_files(runs_dir):
+        run = read_run(path)
         runs[run["variant"]][int(run["seed"])] = run
     return runs
 
@@ -57,9 +69,10 @@ def _cell(values: Sequence[float]) -> str:
     return f"{mean:.3f} ±{spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def report(runs_dir: Path, draws: int = 1000, baselines: Sequence[str] = (BASELINE,)) -> str:
-    """The tables; every variant's differences from each of ``baselines`` that has runs."""
-    coco = load_gt(runs_dir)
+def report(runs_dir: Path, draws: int = 1000, baselines: Sequence[str] = (BASELINE,), gt: Path | None = None) -> str:
+    """The tables; every variant's differences from each of ``baselines`` that has runs. ``gt``: the scored crops'
+    ground truth when it is not beside the runs."""
+    coco = load_gt(runs_dir, gt)
     runs = load_runs(runs_dir)
     if not runs:
         return f"no runs in {runs_dir}"
@@ -153,7 +166,7 @@ def _difference(a: dict[int, Scored], b: dict[int, Scored], kind: str, metric: s
 
 
 def picture(runs_dir: Path, crops_root: Path, out: Path, variants: Sequence[str] = (BASELINE, "dacseg"),
-            seed: int = 0, count: int = 6, score_thresh: float = 0.5) -> Path:
+            seed: int = 0, count: int = 6, score_thresh: float = 0.5, gt: Path | None = None) -> Path:
     """One PNG: ``count`` val crossing crops in rows, the ground truth (crossing chromosomes outlined) then, for each
     variant (seed ``seed``), the detections scoring >= ``score_thresh`` that find a focus instance at mask IoU 0.5,
     matched as the scores match them, each captioned with its mask IoU; its title counts the focus instances found
@@ -165,7 +178,7 @@ def picture(runs_dir: Path, crops_root: Path, out: Path, variants: Sequence[str]
     from tools.show_dataset import compose  # noqa: PLC0415
     from train_utils.outputs.visualize import draw_instances  # noqa: PLC0415
 
-    coco = load_gt(runs_dir)
+    coco = load_gt(runs_dir, gt)
     runs = load_runs(runs_dir)
     missing = [name for name in variants if seed not in runs.get(name, {})]
     if missing:

@@ -181,6 +181,23 @@ def test_device_cuda_without_a_gpu_is_one_clear_line(tmp_path):
         bench.main(["--device", "cuda", "--out", str(tmp_path / "runs")])
 
 
+def test_gzipped_runs_without_their_ground_truth_report_as_the_plain_ones(crops, tmp_path, capsys):
+    """Runs kept gzipped (bench/results/) with the crops' ground truth elsewhere (it is BioImLab's, never kept in
+    the repository): the same tables; a folder with no runs is one line."""
+    import gzip
+
+    write_runs(crops, tmp_path / "runs", {"maskrcnn": [False, True], "dacseg": [True, True]})
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for path in (tmp_path / "runs").glob("*_seed*.json"):
+        (packed / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))
+    gt = tmp_path / "runs" / bench.VAL_CROPS
+    assert report(packed, draws=50, gt=gt) == report(tmp_path / "runs", draws=50)
+    assert bench.saved_crop_size(packed) is None  # these hand-made runs record no setting
+    with pytest.raises(SystemExit, match=f"--report {tmp_path / 'empty'}: no saved runs"):
+        bench.main(["--report", str(tmp_path / "empty")])
+
+
 def test_saved_crop_size_is_the_runs_own_or_none(tmp_path):
     assert bench.saved_crop_size(tmp_path) is None  # no runs: --crop-size decides
     (tmp_path / "maskrcnn_seed0.json").write_text(json.dumps({"setting": {}}))  # a run that does not record it
