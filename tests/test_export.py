@@ -43,7 +43,8 @@ def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, 
     printed = capsys.readouterr().out
     assert "checked on the check image: 8 detections (" in printed and "checked on 640x448" in printed
     _, config, info = load_onnx_model(onnx_file)
-    assert config.name == name.removesuffix("_shape") and info["label_to_cat_id"] == {"1": 5} and info["stain"]["polarity"] == "bright-on-dark"
+    assert config.name == name.removesuffix("_shape")
+    assert info["label_to_cat_id"] == {"1": 5} and info["stain"]["polarity"] == "bright-on-dark"
 
     outputs = {}
     for weights in (checkpoint, onnx_file):

@@ -88,7 +88,7 @@ def test_labels_of_crowded_boxes_do_not_cover_each_other():
     rects = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(corners, sizes)]
     assert not any(covers(rects[i], rects[j]) for i in range(4) for j in range(i))
     assert all(0 <= r[0] and 0 <= r[1] and r[2] <= 100 and r[3] <= 100 for r in rects)
-    # a box at the image's edge: its label is moved inside, and with no free spot left it takes the least covered
+    # a box at the image's edge: its label is moved inside the image
     assert place_labels(torch.tensor([[95.0, 95, 100, 100]]), [(30, 12)], (100, 100)) == [(70, 88)]
     assert len(place_labels(torch.zeros(0, 4), [], (100, 100))) == 0
 

@@ -18,10 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from train_utils.masks import as_box_masks
-from train_utils.outputs.visualize import FONT_PATH
+from train_utils.outputs.visualize import label_font
 
 CROP_BACKGROUNDS = ("auto", "white", "black")
 CROPS_JSON = "crops.json"
@@ -93,7 +93,7 @@ def crop_background(choice: str, polarity: str) -> tuple[int, int, int]:
 def contact_sheet(crops: Sequence[tuple[int, Crop]], background: tuple[int, int, int], title: str) -> Image.Image:
     """The ``(number, crop)`` pairs in a grid, longest first, each numbered, under a title strip."""
     font_size = 14
-    font = ImageFont.truetype(str(FONT_PATH), font_size) if FONT_PATH.is_file() else ImageFont.load_default()
+    font = label_font(font_size)
     ordered = sorted(crops, key=lambda item: (-item[1].length_px, item[0]))
     label_height = font_size + 6
     strip = font_size * 2

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -86,10 +85,11 @@ def draw_instances(
         ring = overlap_outline(masks[overlapping.detach().cpu().bool()], radius=line_width + 1)
         for rows in row_bands(canvas.shape[-2], 48 * canvas.shape[-1]):  # torchvision blends in float
             canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], ring[:, rows], alpha=1.0, colors=OVERLAP_COLOR)
-    if num and (boxes is not None or captions is not None):
-        canvas = _boxes_and_captions(canvas, placement, captions, colors, line_width if boxes is not None else 0,
-                                     font_size)
+    if num and boxes is not None:
+        canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=line_width)
     picture = to_pil_image(canvas)
+    if num and captions is not None:
+        _write_captions(picture, placement, captions, colors, font_size)
     if title is not None:
         picture = _add_title(picture, title, font_size, show_legend=overlapping is not None and bool(overlapping.any()))
     return picture
@@ -100,27 +100,25 @@ def _enlarged(pixels: torch.Tensor, scale: int) -> torch.Tensor:
     return pixels if scale == 1 else pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
-def _boxes_and_captions(canvas: torch.Tensor, boxes: torch.Tensor, captions: Sequence[str] | None,
-                        colors: list[tuple[int, int, int]], line_width: int, font_size: int) -> torch.Tensor:
-    """Boxes (none when ``line_width`` is 0) and captions on filled labels in each instance's colour, each label
-    where it covers no earlier one (``place_labels``): in a metaphase the boxes crowd, and labels at one fixed corner
-    of each box hide each other."""
-    if line_width:
-        canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=line_width)
-    if captions is None:
-        return canvas
-    picture = to_pil_image(canvas)
+def label_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The captions' font (DejaVu Sans Bold, shipped with matplotlib) at ``size`` px, else PIL's default."""
+    return ImageFont.truetype(str(FONT_PATH), size) if FONT_PATH.is_file() else ImageFont.load_default()
+
+
+def _write_captions(picture: Image.Image, boxes: torch.Tensor, captions: Sequence[str],
+                    colors: list[tuple[int, int, int]], font_size: int) -> None:
+    """Captions on filled labels in each instance's colour, each label where it covers no earlier one
+    (``place_labels``): in a metaphase the boxes crowd, and labels at one fixed corner of each box hide each other."""
     draw = ImageDraw.Draw(picture)
-    font = ImageFont.truetype(str(FONT_PATH), font_size) if FONT_PATH.is_file() else ImageFont.load_default()
+    font = label_font(font_size)
     pad = max(1, font_size // 8)
     sizes = []
     for caption in captions:
-        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        _, _, right, bottom = draw.textbbox((0, 0), caption, font=font)
         sizes.append((right + 2 * pad, bottom + 2 * pad))
     for caption, color, (x, y), (w, h) in zip(captions, colors, place_labels(boxes, sizes, picture.size), sizes):
         draw.rectangle((x, y, x + w - 1, y + h - 1), fill=color)
         draw.text((x + pad, y + pad), caption, fill=_text_color(color), font=font)
-    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
 
 
 def place_labels(boxes: torch.Tensor, sizes: Sequence[tuple[int, int]],
@@ -181,9 +179,9 @@ def paint_masks(canvas: torch.Tensor, masks: BoxMasks, colors: list[tuple[int, i
         if not reach:  # an empty mask: the band is still blended, as in one call with every mask
             reach, pasted = [0], [torch.zeros((rows.stop - rows.start, width), dtype=torch.bool)]
         stack, band_colors = torch.stack(pasted), [colors[k] for k in reach]
-        original = canvas[:, rows].clone()
-        canvas[:, rows] = draw_segmentation_masks(canvas[:, rows], stack, alpha=alpha, colors=band_colors)
-        _blend_crossings(canvas[:, rows], original, stack, band_colors, alpha)
+        painted = draw_segmentation_masks(canvas[:, rows], stack, alpha=alpha, colors=band_colors)  # a new tensor
+        _blend_crossings(painted, canvas[:, rows], stack, band_colors, alpha)
+        canvas[:, rows] = painted
     return canvas
 
 
@@ -258,7 +256,7 @@ def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def _add_title(picture: Image.Image, title: str, font_size: int, show_legend: bool) -> Image.Image:
     """A dark strip above the picture with the title, and on the right the overlap-outline legend."""
-    font = ImageFont.truetype(str(FONT_PATH), font_size) if FONT_PATH.is_file() else ImageFont.load_default()
+    font = label_font(font_size)
     strip = round(font_size * 1.8)
     framed = Image.new("RGB", (picture.width, picture.height + strip), (24, 24, 24))
     framed.paste(picture, (0, strip))
