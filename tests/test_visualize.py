@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from train_utils.outputs import visualize
 from train_utils.outputs.visualize import (
     OVERLAP_COLOR,
     PALETTE,
@@ -196,3 +197,11 @@ def test_box_masks_draw_the_pixels_of_one_full_size_call(monkeypatch):
     assert np.array_equal(rgb(draw_instances(image, boxed, min_side=0)), want.permute(1, 2, 0).numpy())
     dilated = torch.nn.functional.max_pool2d(masks[:, None].float(), 7, stride=1, padding=3)[:, 0] > 0
     assert torch.equal(overlap_outline(boxed, radius=3)[0], (dilated & ~masks).any(dim=0))
+
+
+@pytest.mark.parametrize("font_file", ["shipped", "missing"])
+def test_the_label_font_has_the_asked_size_with_or_without_the_shipped_font(font_file, tmp_path, monkeypatch):
+    if font_file == "missing":
+        monkeypatch.setattr(visualize, "FONT_PATH", tmp_path / "no_font.ttf")
+    small, large = visualize.label_font(10), visualize.label_font(30)
+    assert large.getbbox("X")[3] > 2 * small.getbbox("X")[3]

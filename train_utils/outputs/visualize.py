@@ -101,8 +101,8 @@ def _enlarged(pixels: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 def label_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """The captions' font (DejaVu Sans Bold, shipped with matplotlib) at ``size`` px, else PIL's default."""
-    return ImageFont.truetype(str(FONT_PATH), size) if FONT_PATH.is_file() else ImageFont.load_default()
+    """The captions' font (DejaVu Sans Bold, shipped with matplotlib) at ``size`` px, else PIL's default at that size."""
+    return ImageFont.truetype(str(FONT_PATH), size) if FONT_PATH.is_file() else ImageFont.load_default(size)
 
 
 def _write_captions(picture: Image.Image, boxes: torch.Tensor, captions: Sequence[str],
