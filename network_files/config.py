@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from backbone.resnet_fpn import BACKBONE_BUILDERS, NORM_LAYER_CLASSES
 from overlaps import MIN_OVERLAP_AREA
@@ -26,6 +26,18 @@ DACSEG_LOSS_NAMES = (
 # with a shape prior, ``loss_mask`` is the refined (final) mask's and the coarse mask keeps its own term
 SHAPE_PRIOR_LOSS_NAMES = ("loss_coarse_mask",)
 LOSS_NAMES = MASKRCNN_LOSS_NAMES + DACSEG_LOSS_NAMES + SHAPE_PRIOR_LOSS_NAMES
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses changes (a frozen config's mapping field); it still pickles and deep-copies."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a ModelConfig is read-only; dataclasses.replace(config, loss_weights=...) makes a changed copy")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return type(self), (dict(self),)
 
 
 @dataclass(frozen=True)
@@ -61,10 +73,11 @@ class ModelConfig:
     # coarse mask (network_files/shape_prior.py); the codebook itself travels in the state dict
     shape_prior: Optional[str] = None
     shape_prior_nearest: int = 2  # codebook shapes given to each RoI
-    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss_weights: Mapping[str, float] = field(default_factory=dict)  # read-only once built
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
+        object.__setattr__(self, "loss_weights", ReadOnlyDict(self.loss_weights))
         self.validate()
 
     def validate(self) -> None:
@@ -113,8 +126,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/``weights_only``-safe dict."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["anchor_sizes"] = list(self.anchor_sizes)
+        d["loss_weights"] = dict(self.loss_weights)
         return d
 
     @classmethod

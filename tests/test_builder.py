@@ -1,7 +1,9 @@
 """The model builder: same structure as stock torchvision, config fields reach the model, detector weights load."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -259,6 +261,20 @@ def test_config_is_decided_once_then_read():
     assert (changed.min_size, config.min_size) == (144, 128)
     with pytest.raises(ValueError, match="min_size"):
         dataclasses.replace(config, min_size=16)  # a changed copy is validated too
+
+
+def test_loss_weights_are_read_only_and_copied_from_the_caller():
+    weights = {"loss_mask": 2.0}
+    config = ModelConfig(loss_weights=weights, **TINY)
+    weights["loss_mask"] = 5.0  # the caller's dict is not the config's
+    with pytest.raises(TypeError):
+        config.loss_weights["loss_mask"] = 3.0
+    with pytest.raises(TypeError):
+        config.loss_weights.update(loss_mask=3.0)
+    assert config.loss_weights == {"loss_mask": 2.0}
+    assert copy.deepcopy(config) == config == pickle.loads(pickle.dumps(config))
+    stored = config.to_dict()
+    assert type(stored["loss_weights"]) is dict and ModelConfig.from_dict(stored) == config
 
 
 def test_loss_weights_live_in_the_config_and_the_model_returns_raw_terms(scratch_model):
