@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from network_files import ModelConfig, build_model
 from tests.test_shape_prior import write_codebook
@@ -68,7 +69,7 @@ def test_onnx_export_round_trips_and_predict_runs_it(name, tiny_coco, tmp_path, 
 def predicted(records: list[dict]) -> dict[str, torch.Tensor]:
     """predictions.json's records of one image as the boxes, scores and labels that ``export.compare`` matches."""
     boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 4)
-    return {"boxes": torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1),
+    return {"boxes": box_convert(boxes, "xywh", "xyxy"),
             "scores": torch.tensor([r["score"] for r in records]),
             "labels": torch.tensor([r["category_id"] for r in records], dtype=torch.int64)}
 
